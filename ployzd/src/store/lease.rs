@@ -1,0 +1,1 @@
+//! Leases and locks built on compare-and-set.
