@@ -2,4 +2,20 @@
 //! supervises the data-plane sidecars. Each module is one domain of the
 //! architecture (see ARCHITECTURE.md); only `daemon` names concrete backends.
 
+pub mod coordination;
+pub mod daemon;
+pub mod machine;
+pub mod mesh;
+pub mod services;
 pub mod store;
+pub mod time;
+
+/// An error and all its sources on one line, `outer: inner: innermost`, for
+/// logs, status details and API messages. Line breaks inside a message (a
+/// quoted log tail) become ` | ` so the result stays one line.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(error), |&error| error.source())
+        .map(|error| error.to_string().trim().replace('\n', " | "))
+        .collect::<Vec<_>>()
+        .join(": ")
+}

@@ -34,7 +34,9 @@ impl Key {
     }
 
     /// Joins validated segments with dots.
-    pub fn from_segments<'a>(segments: impl IntoIterator<Item = &'a str>) -> Result<Self, StoreError> {
+    pub fn from_segments<'a>(
+        segments: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, StoreError> {
         Self::new(segments.into_iter().collect::<Vec<_>>().join("."))
     }
 
@@ -87,7 +89,9 @@ fn validate_segments(key: &str) -> Result<(), StoreError> {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'='))
     };
     if key.len() > 255 || !key.split('.').all(valid_segment) {
-        return Err(StoreError::InvalidKey { key: key.to_owned() });
+        return Err(StoreError::InvalidKey {
+            key: key.to_owned(),
+        });
     }
     Ok(())
 }
@@ -177,7 +181,11 @@ pub trait RecordStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Revision, StoreError>> + Send;
 
     /// Writes `key` unconditionally.
-    fn put(&self, key: &Key, value: Vec<u8>) -> impl Future<Output = Result<Revision, StoreError>> + Send;
+    fn put(
+        &self,
+        key: &Key,
+        value: Vec<u8>,
+    ) -> impl Future<Output = Result<Revision, StoreError>> + Send;
 
     /// Deletes `key`; with `expected`, only if its current revision matches
     /// ([`StoreError::RevisionMismatch`] otherwise). Deleting an absent key is not an error.
@@ -188,10 +196,16 @@ pub trait RecordStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The current records under `prefix`, sorted by key.
-    fn list(&self, prefix: &KeyPrefix) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
+    fn list(
+        &self,
+        prefix: &KeyPrefix,
+    ) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
 
     /// Every put and delete under `prefix` made after this call returns, in revision order.
-    fn watch(&self, prefix: &KeyPrefix) -> impl Future<Output = Result<WatchStream, StoreError>> + Send;
+    fn watch(
+        &self,
+        prefix: &KeyPrefix,
+    ) -> impl Future<Output = Result<WatchStream, StoreError>> + Send;
 }
 
 /// The append-only event log: what operations did, in order.
@@ -221,7 +235,9 @@ impl<T: RecordStore + EventLog> Store for T {}
 /// What can go wrong talking to the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid store key `{key}`: use dot-separated segments of letters, digits, `_`, `-`, `=`")]
+    #[error(
+        "invalid store key `{key}`: use dot-separated segments of letters, digits, `_`, `-`, `=`"
+    )]
     InvalidKey { key: String },
     #[error("record `{key}` already exists")]
     AlreadyExists { key: String },
@@ -266,7 +282,10 @@ impl StoreError {
 
     /// True for the two compare-and-set losses.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, StoreError::AlreadyExists { .. } | StoreError::RevisionMismatch { .. })
+        matches!(
+            self,
+            StoreError::AlreadyExists { .. } | StoreError::RevisionMismatch { .. }
+        )
     }
 }
 
@@ -284,7 +303,10 @@ mod tests {
     #[test]
     fn keys_reject_empty_segments_wildcards_and_spaces() {
         for key in ["", ".", "a.", ".a", "a..b", "a.*", "a.>", "a b", "ä", "a/b"] {
-            assert!(matches!(Key::new(key), Err(StoreError::InvalidKey { .. })), "{key}");
+            assert!(
+                matches!(Key::new(key), Err(StoreError::InvalidKey { .. })),
+                "{key}"
+            );
         }
     }
 

@@ -1,0 +1,178 @@
+//! The command-line surface: every command, flag and help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Ployz: explicit primitives for small clusters. Every change to the cluster
+/// happens because you ran one command; nothing reconciles in the background.
+///
+/// Getting started on one machine:
+///
+///   ployzctl daemon install --runtime host --service-mode user
+///   ployzctl mesh init dev
+///   ployzctl status
+///
+/// Exit status: 0 ok, 1 internal, 2 usage, 3 precondition failed, 4 not found,
+/// 5 conflict, 6 unavailable. With --json, failures print
+/// {"error": {"class", "code", "message"}}.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ployzctl",
+    version,
+    propagate_version = true,
+    verbatim_doc_comment
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Print machine-readable JSON (stable field names) instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The daemon's socket [default: /run/ployz/ployzd.sock for root,
+    /// $XDG_RUNTIME_DIR/ployz/ployzd.sock otherwise].
+    #[arg(long, global = true, env = "PLOYZ_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print nothing but errors (the exit status tells the outcome).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show live facts: this machine, its cluster, NATS, the daemon, the eBPF data path.
+    Status,
+    /// Run, install, stop and inspect the ployzd daemon on this machine.
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+    /// The cluster's network: found it on this machine.
+    #[command(subcommand)]
+    Mesh(MeshCommand),
+    /// Machines that are members of the cluster.
+    #[command(subcommand)]
+    Machine(MachineCommand),
+    /// Operations recorded by the cluster: what was asked, each step, the result.
+    #[command(subcommand)]
+    Op(OpCommand),
+    /// Print a shell completion script, e.g. `ployzctl completions bash > /etc/bash_completion.d/ployzctl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for ployzctl and every subcommand into a directory.
+    Man {
+        /// Directory to write `ployzctl*.1` into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Run ployzd in the foreground (logs to the terminal; Ctrl-C stops it, not its sidecars).
+    Run(DaemonLaunchArgs),
+    /// Start ployzd in the background and wait until it answers. Does nothing if it already runs.
+    Install(InstallArgs),
+    /// Stop ployzd gracefully. NATS and the rest of the data plane keep serving
+    /// unless --services is given.
+    Stop {
+        /// Also stop the sidecars (NATS) this daemon supervises.
+        #[arg(long)]
+        services: bool,
+    },
+    /// Is ployzd running? Prints its pid, version and uptime.
+    Status,
+}
+
+/// Flags passed through to ployzd.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DaemonLaunchArgs {
+    /// The daemon's configuration file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The daemon's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The NATS client port on loopback [default: 4722].
+    #[arg(long, value_name = "PORT")]
+    pub nats_port: Option<u16>,
+    /// The nats-server binary to run.
+    #[arg(long, value_name = "PATH")]
+    pub nats_bin: Option<PathBuf>,
+    /// The ployzd binary [default: beside ployzctl, then PATH].
+    #[arg(long, env = "PLOYZD_BIN", value_name = "PATH")]
+    pub ployzd_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InstallArgs {
+    /// Where the data plane runs: on the host, or inside Docker.
+    #[arg(long, value_enum, default_value_t = Runtime::Host)]
+    pub runtime: Runtime,
+    /// Who manages the daemon: this user (a detached process), or the init system.
+    #[arg(long, value_enum, default_value_t = ServiceMode::User)]
+    pub service_mode: ServiceMode,
+    #[command(flatten)]
+    pub launch: DaemonLaunchArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Runtime {
+    Host,
+    Docker,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ServiceMode {
+    User,
+    System,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MeshCommand {
+    /// Found a cluster on this machine: create the network and machine
+    /// identities and start NATS. Running it again for the same network is a
+    /// no-op that says so.
+    Init {
+        /// Network name: 1-63 of a-z, 0-9 and -, starting with a letter.
+        network: String,
+        #[command(flatten)]
+        operation: OperationArgs,
+    },
+}
+
+/// Every mutating command takes an operation id.
+#[derive(Debug, Clone, Args)]
+pub struct OperationArgs {
+    /// Operation id. Generated when omitted; pass the id of an earlier attempt
+    /// to retry it: a finished operation returns its recorded result instead of acting twice.
+    #[arg(long, value_name = "ID")]
+    pub op_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    /// List member machines: membership as recorded, reachability as observed now.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OpCommand {
+    /// List recorded operations, newest first.
+    Ls {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one operation: its request, every step it recorded, its result.
+    Show {
+        /// The operation id, as printed by the command that ran it.
+        id: String,
+    },
+}

@@ -1,0 +1,53 @@
+//! `ployzctl machine …`: cluster membership.
+
+use ployz_api::v1;
+
+use super::{Context, READ_TIMEOUT};
+use crate::{
+    cli::MachineCommand,
+    output::{table, timestamp},
+};
+
+pub async fn run(
+    context: &Context<'_>,
+    command: MachineCommand,
+) -> Result<(), ployz_api::ApiError> {
+    match command {
+        MachineCommand::Ls => {
+            let mut client = context.client(READ_TIMEOUT).await?;
+            let response = client
+                .list_machines(v1::ListMachinesRequest {})
+                .await
+                .map_err(|e| context.call_error(e))?
+                .into_inner();
+            context.output.emit(&response, || {
+                let rows: Vec<Vec<String>> = response
+                    .machines
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.clone(),
+                            m.hostname.clone(),
+                            m.network.clone(),
+                            m.membership.clone(),
+                            m.observed.clone(),
+                            timestamp(m.joined_at_unix_ms),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "ID",
+                        "HOSTNAME",
+                        "NETWORK",
+                        "MEMBERSHIP",
+                        "OBSERVED",
+                        "JOINED",
+                    ],
+                    &rows,
+                )
+            });
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! `ployzctl status`: live facts from the daemon.
+
+use std::fmt::Write as _;
+
+use ployz_api::v1;
+
+use super::{Context, READ_TIMEOUT};
+use crate::output::{duration_ms, timestamp};
+
+pub async fn status(context: &Context<'_>) -> Result<(), ployz_api::ApiError> {
+    let mut client = context.client(READ_TIMEOUT).await?;
+    let status = client
+        .status(v1::StatusRequest {})
+        .await
+        .map_err(|e| context.call_error(e))?
+        .into_inner();
+    context.output.emit(&status, || render(&status));
+    Ok(())
+}
+
+fn render(status: &v1::StatusResponse) -> String {
+    let mut text = String::new();
+    if let Some(machine) = &status.machine {
+        let id = if machine.id.is_empty() {
+            "(no identity yet)"
+        } else {
+            &machine.id
+        };
+        let _ = writeln!(text, "machine   {id} on {}", machine.hostname);
+    }
+    match &status.cluster {
+        Some(cluster) => {
+            let _ = writeln!(
+                text,
+                "cluster   network {} ({}), {} machine(s), founded {}",
+                cluster.network,
+                cluster.cluster_id,
+                cluster.machines,
+                timestamp(cluster.created_at_unix_ms)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                text,
+                "cluster   none: run `ployzctl mesh init <network>` to found one"
+            );
+        }
+    }
+    if let Some(nats) = &status.nats {
+        let live = if nats.reachable {
+            format!(
+                "reachable, {} µs round trip, nats-server {}",
+                nats.round_trip_us, nats.server_version
+            )
+        } else {
+            format!("not reachable: {}", nats.detail)
+        };
+        match nats.state.as_str() {
+            "not_configured" => {
+                let _ = writeln!(text, "nats      not started ({})", nats.detail);
+            }
+            _ => {
+                let _ = writeln!(
+                    text,
+                    "nats      {} pid {} at {} ({}, {} restart(s)); {live}",
+                    nats.state, nats.pid, nats.client_url, nats.origin, nats.restarts
+                );
+            }
+        }
+    }
+    if let Some(daemon) = &status.daemon {
+        let _ = writeln!(
+            text,
+            "daemon    ployzd {} pid {}, up {}, socket {}",
+            daemon.version,
+            daemon.pid,
+            duration_ms(daemon.uptime_ms),
+            daemon.socket
+        );
+    }
+    if let Some(ebpf) = &status.ebpf {
+        let state = if ebpf.available {
+            "available"
+        } else {
+            "unavailable"
+        };
+        let _ = writeln!(text, "ebpf      {state}: {}", ebpf.detail);
+    }
+    text
+}

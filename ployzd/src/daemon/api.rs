@@ -1,0 +1,245 @@
+//! The gRPC edge: turns protobuf requests into daemon calls and maps results
+//! and typed errors back. No product logic lives here.
+
+use std::sync::Arc;
+
+use ployz_api::{ApiError, v1};
+use tonic::{Request, Response, Status};
+
+use super::{
+    Daemon, VERSION,
+    operations::{Finished, MeshInitResult},
+};
+use crate::{
+    coordination::{OperationRecord, StepEvent},
+    services::SidecarOrigin,
+    time::unix_ms,
+};
+
+/// Default and maximum number of operations `op ls` returns.
+const DEFAULT_OPERATION_LIMIT: usize = 50;
+const MAX_OPERATION_LIMIT: usize = 1000;
+
+/// The tonic service backed by the daemon.
+pub struct ApiService {
+    daemon: Arc<Daemon>,
+}
+
+impl ApiService {
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        Self { daemon }
+    }
+}
+
+type ApiResult<T> = Result<Response<T>, Status>;
+
+fn reply<T>(result: Result<T, ApiError>) -> ApiResult<T> {
+    result.map(Response::new).map_err(|error| {
+        tracing::debug!(class = %error.class, code = %error.code, message = %error.message, "request failed");
+        error.into_status()
+    })
+}
+
+#[tonic::async_trait]
+impl v1::ployz_server::Ployz for ApiService {
+    async fn status(&self, _request: Request<v1::StatusRequest>) -> ApiResult<v1::StatusResponse> {
+        let daemon = &self.daemon;
+        let facts = daemon.status_facts().await;
+        let uptime = daemon.started.elapsed();
+        let nats = match (&facts.nats, &facts.nats_probe) {
+            (Some(status), probe) => v1::SidecarStatus {
+                state: status.state.as_str().to_owned(),
+                pid: status.pid.unwrap_or(0),
+                origin: status.origin.kind().to_owned(),
+                config_hash: status.config_hash.clone(),
+                client_url: status.client_url.clone(),
+                reachable: probe.is_ok(),
+                round_trip_us: probe
+                    .as_ref()
+                    .map(|(rtt, _)| rtt.as_micros() as u64)
+                    .unwrap_or(0),
+                server_version: probe.as_ref().map(|(_, v)| v.clone()).unwrap_or_default(),
+                restarts: status.restarts,
+                detail: match (probe, &status.origin) {
+                    (Err(why), _) => why.clone(),
+                    (Ok(_), SidecarOrigin::Recreated { reason }) => {
+                        let detail = status.detail.clone().unwrap_or_default();
+                        format!("recreated: {reason}. {detail}").trim().to_owned()
+                    }
+                    (Ok(_), SidecarOrigin::Started | SidecarOrigin::Adopted) => {
+                        status.detail.clone().unwrap_or_default()
+                    }
+                },
+            },
+            (None, probe) => v1::SidecarStatus {
+                state: if facts.identity.is_some() {
+                    "failed"
+                } else {
+                    "not_configured"
+                }
+                .to_owned(),
+                detail: probe.as_ref().err().cloned().unwrap_or_default(),
+                ..v1::SidecarStatus::default()
+            },
+        };
+        let datapath = crate::mesh::ebpf::availability();
+        reply(Ok(v1::StatusResponse {
+            daemon: Some(v1::DaemonStatus {
+                version: VERSION.to_owned(),
+                pid: std::process::id(),
+                started_at_unix_ms: unix_ms(daemon.started_at),
+                uptime_ms: uptime.as_millis().try_into().unwrap_or(u64::MAX),
+                socket: daemon.config.socket.display().to_string(),
+                data_dir: daemon.config.data_dir.display().to_string(),
+            }),
+            machine: Some(v1::MachineStatus {
+                id: facts
+                    .identity
+                    .as_ref()
+                    .map(|i| i.machine_id.clone())
+                    .unwrap_or_default(),
+                hostname: daemon.hostname.clone(),
+            }),
+            cluster: facts.identity.as_ref().map(|identity| v1::ClusterStatus {
+                network: identity.network.to_string(),
+                cluster_id: identity.cluster_id.clone(),
+                created_at_unix_ms: facts
+                    .network
+                    .as_ref()
+                    .map(|n| n.created_at_unix_ms)
+                    .unwrap_or(identity.created_at_unix_ms),
+                machines: facts.machines.map(|n| n as u32).unwrap_or(0),
+            }),
+            nats: Some(nats),
+            ebpf: Some(v1::DataPathStatus {
+                available: datapath.available,
+                detail: datapath.detail,
+            }),
+        }))
+    }
+
+    async fn mesh_init(
+        &self,
+        request: Request<v1::MeshInitRequest>,
+    ) -> ApiResult<v1::MeshInitResponse> {
+        let request = request.into_inner();
+        let result = self
+            .daemon
+            .mesh_init(&request.operation_id, &request.network)
+            .await;
+        reply(
+            result.map(|finished: Finished<MeshInitResult>| v1::MeshInitResponse {
+                operation: Some(summary(&finished.record, finished.replayed)),
+                outcome: finished.result.outcome,
+                network: finished.result.network,
+                cluster_id: finished.result.cluster_id,
+                machine_id: finished.result.machine_id,
+            }),
+        )
+    }
+
+    async fn list_machines(
+        &self,
+        _request: Request<v1::ListMachinesRequest>,
+    ) -> ApiResult<v1::ListMachinesResponse> {
+        let machines = self.daemon.list_machines().await;
+        reply(machines.map(|machines| {
+            v1::ListMachinesResponse {
+                machines: machines
+                    .into_iter()
+                    .map(|machine| v1::MachineEntry {
+                        id: machine.record.id,
+                        hostname: machine.record.hostname,
+                        network: machine.record.network.to_string(),
+                        membership: machine.record.membership.as_str().to_owned(),
+                        joined_at_unix_ms: machine.record.joined_at_unix_ms,
+                        observed: machine.observed.to_owned(),
+                    })
+                    .collect(),
+            }
+        }))
+    }
+
+    async fn list_operations(
+        &self,
+        request: Request<v1::ListOperationsRequest>,
+    ) -> ApiResult<v1::ListOperationsResponse> {
+        let limit = match request.into_inner().limit as usize {
+            0 => DEFAULT_OPERATION_LIMIT,
+            n => n.min(MAX_OPERATION_LIMIT),
+        };
+        let operations = self.daemon.list_operations(limit).await;
+        reply(operations.map(|records| {
+            v1::ListOperationsResponse {
+                operations: records
+                    .iter()
+                    .map(|record| summary(record, false))
+                    .collect(),
+            }
+        }))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<v1::GetOperationRequest>,
+    ) -> ApiResult<v1::GetOperationResponse> {
+        let shown = self
+            .daemon
+            .show_operation(&request.into_inner().operation_id)
+            .await;
+        reply(shown.map(|(record, events)| v1::GetOperationResponse {
+            operation: Some(summary(&record, false)),
+            events: events.iter().map(event).collect(),
+        }))
+    }
+
+    async fn shutdown(
+        &self,
+        request: Request<v1::ShutdownRequest>,
+    ) -> ApiResult<v1::ShutdownResponse> {
+        let stop_services = request.into_inner().stop_services;
+        tracing::info!(stop_services, "shutdown requested over the API");
+        reply(
+            self.daemon
+                .stop(stop_services)
+                .await
+                .map(|()| v1::ShutdownResponse {
+                    pid: std::process::id(),
+                }),
+        )
+    }
+}
+
+fn summary(record: &OperationRecord, replayed: bool) -> v1::OperationSummary {
+    v1::OperationSummary {
+        id: record.id.to_string(),
+        kind: record.kind.clone(),
+        state: record.state.as_str().to_owned(),
+        started_at_unix_ms: record.started_at_unix_ms,
+        finished_at_unix_ms: record.finished_at_unix_ms.unwrap_or(0),
+        attempts: record.attempts,
+        request_json: record.request.to_string(),
+        result_json: record
+            .result
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        error: record.error.as_ref().map(|error| v1::OperationError {
+            class: error.class.clone(),
+            code: error.code.clone(),
+            message: error.message.clone(),
+        }),
+        replayed,
+    }
+}
+
+fn event(step: &StepEvent) -> v1::OperationEvent {
+    v1::OperationEvent {
+        sequence: step.sequence,
+        at_unix_ms: step.at_unix_ms,
+        step: step.step.clone(),
+        status: step.status.as_str().to_owned(),
+        detail: step.detail.clone(),
+        attempt: step.attempt,
+    }
+}

@@ -1,0 +1,181 @@
+//! The identity a machine keeps on its own disk: who it is and which network
+//! it belongs to. Written once by `mesh init` (or a later join), atomically.
+
+use std::{
+    fmt,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// A network name: 1–63 characters of `[a-z0-9-]`, starting with a letter and
+/// not ending with `-` (it is used in DNS names and store keys).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NetworkName(String);
+
+impl NetworkName {
+    pub fn parse(name: &str) -> Result<Self, IdentityError> {
+        ployz_api::names::check_network_name(name)
+            .map_err(|reason| IdentityError::InvalidNetworkName { reason })?;
+        Ok(Self(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for NetworkName {
+    type Error = IdentityError;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        Self::parse(&name)
+    }
+}
+
+impl From<NetworkName> for String {
+    fn from(name: NetworkName) -> Self {
+        name.0
+    }
+}
+
+impl fmt::Display for NetworkName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// This machine's identity, persisted at `<data_dir>/identity.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalIdentity {
+    pub machine_id: String,
+    pub network: NetworkName,
+    pub cluster_id: String,
+    pub created_at_unix_ms: i64,
+}
+
+impl LocalIdentity {
+    /// A fresh identity for a machine founding `network`.
+    pub fn generate(network: NetworkName, now_unix_ms: i64) -> Self {
+        Self {
+            machine_id: new_id("m"),
+            network,
+            cluster_id: new_id("c"),
+            created_at_unix_ms: now_unix_ms,
+        }
+    }
+
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("identity.json")
+    }
+
+    /// Reads the identity, `None` when the machine has none yet.
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, IdentityError> {
+        let path = Self::path(data_dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(IdentityError::Read { path, source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| IdentityError::Corrupt { path, source })
+    }
+
+    /// Writes the identity atomically (temporary file, fsync, rename), mode 0600.
+    pub fn store(&self, data_dir: &Path) -> Result<(), IdentityError> {
+        let path = Self::path(data_dir);
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(data_dir)?;
+            let temporary = data_dir.join(".identity.json.tmp");
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode_0600()
+                .open(&temporary)?;
+            let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+            file.write_all(&json)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)?;
+            std::fs::File::open(data_dir)?.sync_all()
+        };
+        write().map_err(|source| IdentityError::Write { path, source })
+    }
+}
+
+trait OpenOptionsExt {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl OpenOptionsExt for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
+}
+
+/// A random identifier like `m-4f1c9a0b2d7e8f31`.
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// What can go wrong with the local identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// `reason` is a whole sentence naming the name and what is wrong with it.
+    #[error("{reason}")]
+    InvalidNetworkName { reason: String },
+    #[error("cannot read machine identity {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("machine identity {} is corrupt; restore it from a backup or move it away", path.display())]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write machine identity {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_round_trips_through_disk_with_private_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(LocalIdentity::load(dir.path()).expect("load"), None);
+        let identity = LocalIdentity::generate(NetworkName::parse("prod").expect("valid"), 42);
+        identity.store(dir.path()).expect("store");
+        assert_eq!(
+            LocalIdentity::load(dir.path()).expect("load"),
+            Some(identity)
+        );
+        let mode = std::fs::metadata(LocalIdentity::path(dir.path())).expect("stat");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn a_corrupt_identity_is_reported_not_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(LocalIdentity::path(dir.path()), b"{not json").expect("write");
+        assert!(matches!(
+            LocalIdentity::load(dir.path()),
+            Err(IdentityError::Corrupt { .. })
+        ));
+    }
+}
