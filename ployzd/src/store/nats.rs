@@ -32,6 +32,7 @@ use super::{
     Event, EventLog, Key, KeyPrefix, Record, RecordStore, Revision, Sequence, StoreError,
     WatchEvent, WatchStream,
 };
+use crate::error_chain;
 
 /// How many versions of each key the bucket keeps.
 const HISTORY: i64 = 16;
@@ -656,13 +657,6 @@ fn sources<'a>(
     error: &'a (dyn StdError + 'static),
 ) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
     std::iter::successors(Some(error), |&error| error.source())
-}
-
-fn error_chain(error: &(dyn StdError + 'static)) -> String {
-    sources(error)
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
 }
 
 /// The kind of an async-nats error, if `error` is one with kind type `K`.
