@@ -87,11 +87,11 @@ pub fn duration_ms(ms: u64) -> String {
 }
 
 /// A Unix-ms timestamp as UTC `2026-11-23T16:02:36Z` (0 prints `-`).
-pub fn timestamp(unix_ms: i64) -> String {
-    if unix_ms <= 0 {
+pub fn timestamp(unix_ms: u64) -> String {
+    if unix_ms == 0 {
         return "-".to_owned();
     }
-    let seconds = unix_ms / 1000;
+    let seconds = i64::try_from(unix_ms / 1000).unwrap_or(i64::MAX);
     let (days, rem) = (seconds.div_euclid(86400), seconds.rem_euclid(86400));
     let (year, month, day) = civil_from_days(days);
     format!(

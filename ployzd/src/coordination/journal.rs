@@ -116,8 +116,8 @@ pub struct OperationRecord {
     pub request: serde_json::Value,
     /// SHA-256 of the request's JSON, to recognise a reused id.
     pub request_hash: String,
-    pub started_at_unix_ms: i64,
-    pub finished_at_unix_ms: Option<i64>,
+    pub started_at_unix_ms: u64,
+    pub finished_at_unix_ms: Option<u64>,
     pub attempts: u32,
     /// Who ran the latest attempt.
     pub runner: String,
@@ -158,7 +158,7 @@ pub struct StepEvent {
     /// Filled from the log when read back.
     #[serde(default)]
     pub sequence: u64,
-    pub at_unix_ms: i64,
+    pub at_unix_ms: u64,
     pub attempt: u32,
     pub step: String,
     pub status: StepStatus,

@@ -56,7 +56,7 @@ pub async fn ensure_membership_records<S: RecordStore>(
     store: &S,
     identity: &LocalIdentity,
     hostname: &str,
-    now_unix_ms: i64,
+    now_unix_ms: u64,
 ) -> Result<RecordsWritten, FoundingError> {
     let network = NetworkRecord {
         network: identity.network.clone(),

@@ -54,12 +54,12 @@ pub struct LocalIdentity {
     pub machine_id: String,
     pub network: NetworkName,
     pub cluster_id: String,
-    pub created_at_unix_ms: i64,
+    pub created_at_unix_ms: u64,
 }
 
 impl LocalIdentity {
     /// A fresh identity for a machine founding `network`.
-    pub fn generate(network: NetworkName, now_unix_ms: i64) -> Self {
+    pub fn generate(network: NetworkName, now_unix_ms: u64) -> Self {
         Self {
             machine_id: new_id("m"),
             network,

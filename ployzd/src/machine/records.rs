@@ -13,7 +13,7 @@ pub struct NetworkRecord {
     pub network: NetworkName,
     pub cluster_id: String,
     pub founded_by: String,
-    pub created_at_unix_ms: i64,
+    pub created_at_unix_ms: u64,
 }
 
 impl NetworkRecord {
@@ -44,7 +44,7 @@ pub struct MachineRecord {
     pub hostname: String,
     pub network: NetworkName,
     pub membership: Membership,
-    pub joined_at_unix_ms: i64,
+    pub joined_at_unix_ms: u64,
 }
 
 impl MachineRecord {

@@ -12,7 +12,7 @@ use std::{
     os::unix::{ffi::OsStrExt as _, fs::PermissionsExt as _},
     path::{Path, PathBuf},
     process::Stdio,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -407,14 +407,6 @@ fn create_dir(path: &Path) -> Result<(), SidecarError> {
     })
 }
 
-fn unix_millis_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
 /// True when `pid` is a live process started exactly as this sidecar starts
 /// nats-server (`<binary> -c <config>`), with `binary` when given. A reused pid,
 /// a zombie or an unrelated process never matches.
@@ -642,7 +634,7 @@ async fn start(spec: &Spec) -> Result<Tracked, SidecarError> {
         pid,
         config_hash: spec.config_hash.clone(),
         binary: spec.config.binary.clone(),
-        started_at_unix_ms: unix_millis_now(),
+        started_at_unix_ms: crate::time::now_unix_ms(),
         network_namespace: process::network_namespace(None),
     };
     let recorded = serde_json::to_vec_pretty(&record)

@@ -10,7 +10,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Key, Record, RecordStore, Revision, StoreError, encode};
+use crate::time::{from_unix_ms, unix_ms};
 
 /// Longest TTL a lease may have; longer ones are almost surely unit mistakes.
 const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -158,15 +159,6 @@ impl LeaseRecord {
             holder: self.holder,
         }
     }
-}
-
-fn unix_ms(time: SystemTime) -> u64 {
-    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 fn lease_key(name: &str) -> Result<Key, LeaseError> {
