@@ -57,6 +57,15 @@ pub enum Command {
     /// Machines that are members of the cluster.
     #[command(subcommand)]
     Machine(MachineCommand),
+    /// Deploy a manifest: preview it, apply it, read the history, export a rollback.
+    ///
+    ///   ployzctl deploy preview -f app.toml      what would change
+    ///   ployzctl deploy -f app.toml              apply it
+    ///   ployzctl deploy history shop             the namespace's commits
+    ///   ployzctl deploy export shop --commit 1 > rollback.toml
+    ///   ployzctl deploy -f rollback.toml         roll back, volumes included
+    #[command(verbatim_doc_comment)]
+    Deploy(DeployArgs),
     /// Operations recorded by the cluster: what was asked, each step, the result.
     #[command(subcommand)]
     Op(OpCommand),
@@ -105,6 +114,18 @@ pub struct DaemonLaunchArgs {
     /// The nats-server binary to run.
     #[arg(long, value_name = "PATH")]
     pub nats_bin: Option<PathBuf>,
+    /// Volume backend: btrfs, zfs or dir [default: dir].
+    #[arg(long, value_name = "BACKEND")]
+    pub storage_backend: Option<String>,
+    /// btrfs pool directory, ZFS parent dataset, or dir root.
+    #[arg(long, value_name = "PATH")]
+    pub storage_path: Option<PathBuf>,
+    /// btrfs: create a loop-file pool of this size (e.g. 2GiB) when the pool path is not on btrfs.
+    #[arg(long, value_name = "SIZE")]
+    pub storage_loop_size: Option<String>,
+    /// How long a crashed operation keeps its lease, e.g. 30s.
+    #[arg(long, value_name = "DURATION")]
+    pub operation_lease_ttl: Option<String>,
     /// The ployzd binary [default: beside ployzctl, then PATH].
     #[arg(long, env = "PLOYZD_BIN", value_name = "PATH")]
     pub ployzd_bin: Option<PathBuf>,
@@ -174,5 +195,45 @@ pub enum OpCommand {
     Show {
         /// The operation id, as printed by the command that ran it.
         id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct DeployArgs {
+    #[command(subcommand)]
+    pub command: Option<DeployCommand>,
+    /// The manifest (TOML); `-` reads standard input. See docs/manifest.md.
+    #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
+    pub file: Option<PathBuf>,
+    /// Print the plan and change nothing (the same as `deploy preview`).
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub operation: OperationArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeployCommand {
+    /// What deploying the manifest would do now, per machine; changes nothing.
+    Preview {
+        /// The manifest (TOML); `-` reads standard input.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// The namespace's commits, oldest first.
+    History { namespace: String },
+    /// One commit: its containers, volume snapshots, routes and manifest.
+    Show {
+        /// `<namespace>/<seq>`, e.g. `shop/3`.
+        commit: String,
+    },
+    /// Print a manifest that reverts the namespace to a commit, volume data
+    /// included. Deploy it to roll back (or forward).
+    Export {
+        namespace: String,
+        /// The commit: its number (`3`) or id (`shop/3`).
+        #[arg(long, value_name = "COMMIT")]
+        commit: String,
     },
 }

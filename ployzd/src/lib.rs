@@ -4,9 +4,12 @@
 
 pub mod coordination;
 pub mod daemon;
+pub mod deploy;
 pub mod machine;
 pub mod mesh;
+pub mod runtime;
 pub mod services;
+pub mod storage;
 pub mod store;
 pub mod time;
 
@@ -18,4 +21,15 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         .map(|error| error.to_string().trim().replace('\n', " | "))
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+/// The 1-based line of byte `offset` in `text` (for parse errors that report
+/// byte spans). Never panics, whatever the offset.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }

@@ -6,6 +6,8 @@
 //! The binaries come from the same target directory as the test itself
 //! (`cargo test --workspace` builds them first).
 
+pub mod image;
+
 use std::{
     net::TcpListener,
     path::{Path, PathBuf},
@@ -148,9 +150,14 @@ impl Node {
 
     /// `daemon install` with this node's paths; returns the daemon's pid.
     pub fn start_daemon(&self) -> u32 {
+        self.start_daemon_with(&[])
+    }
+
+    /// `daemon install` with this node's paths and `extra` flags; returns the daemon's pid.
+    pub fn start_daemon_with(&self, extra: &[&str]) -> u32 {
         let data_dir = self.data_dir().display().to_string();
         let port = self.nats_port.to_string();
-        let value = self.ployzctl_json(&[
+        let mut args = vec![
             "daemon",
             "install",
             "--runtime",
@@ -161,7 +168,9 @@ impl Node {
             &data_dir,
             "--nats-port",
             &port,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let value = self.ployzctl_json(&args);
         pid_field(&value, "pid")
     }
 

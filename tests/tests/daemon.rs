@@ -11,6 +11,15 @@ fn status_reports_live_facts_and_fails_fast_when_the_daemon_is_stopped() {
     let node = Node::new();
     let daemon_pid = node.start_daemon();
 
+    let socket_mode = std::fs::metadata(node.socket())
+        .expect("socket exists")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&socket_mode) & 0o777,
+        0o600,
+        "only the daemon's user may talk to it"
+    );
+
     let before = node.ployzctl_json(&["status"]);
     assert_eq!(before["daemon"]["pid"], daemon_pid);
     assert_eq!(before["daemon"]["version"], env!("CARGO_PKG_VERSION"));

@@ -39,9 +39,10 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
-    /// Start a single-machine cluster (daemon + NATS) under target/ployz-dev and show its status.
+    /// Start a single-machine cluster under target/ployz-dev (daemon, NATS, a
+    /// btrfs loop pool when root), deploy examples/hello.toml, and show how to reach it.
     Up,
-    /// Stop the cluster started by `up`, NATS included.
+    /// Stop the cluster started by `up`: its app, NATS, the daemon, the pool.
     Down,
 }
 
@@ -115,11 +116,18 @@ fn up(root: &Path) -> Result<()> {
     let ployzctl = root.join("target/debug/ployzctl");
     let socket = paths.socket.display().to_string();
     let data_dir = paths.data_dir.display().to_string();
+    let ctl = || {
+        let mut command = Command::new(&ployzctl);
+        command.args(["--socket", &socket]);
+        command
+    };
+
+    step("building the example image (busybox, no registry needed)");
+    ployz_tests::image::ensure_example_image(EXAMPLE_IMAGE)?;
 
     step("starting ployzd");
-    run(Command::new(&ployzctl).args([
-        "--socket",
-        &socket,
+    let mut install = ctl();
+    install.args([
         "daemon",
         "install",
         "--runtime",
@@ -128,21 +136,47 @@ fn up(root: &Path) -> Result<()> {
         "user",
         "--data-dir",
         &data_dir,
-    ]))?;
+    ]);
+    // Snapshots (rollback with volume data) need btrfs; a loop-file pool needs root.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        install.args(["--storage-backend", "btrfs", "--storage-loop-size", "1GiB"]);
+    } else {
+        println!("not root: volumes use the dir backend (no snapshots); run as root for btrfs");
+    }
+    run(&mut install)?;
     step("founding network `dev`");
-    run(Command::new(&ployzctl).args(["--socket", &socket, "mesh", "init", "dev"]))?;
+    run(ctl().args(["mesh", "init", "dev"]))?;
+    step("deploying examples/hello.toml");
+    let manifest = root.join("examples/hello.toml").display().to_string();
+    let deployed = ctl().args(["--json", "deploy", "-f", &manifest]).output()?;
+    if !deployed.status.success() {
+        bail!(
+            "deploy failed: {}",
+            String::from_utf8_lossy(&deployed.stderr).trim()
+        );
+    }
+    let deployed: serde_json::Value = serde_json::from_slice(&deployed.stdout)?;
+    let address = deployed["commit"]["routes"][0]["instances"][0]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
     step("status");
-    run(Command::new(&ployzctl).args(["--socket", &socket, "status"]))?;
+    run(ctl().arg("status"))?;
     println!(
-        "\nA single-machine Ployz cluster is running. Talk to it with:\n  \
+        "\nA single-machine Ployz cluster is running and serves the example app:\n  \
+         curl http://{address}/\n\
+         Talk to it with:\n  \
          export PLOYZ_SOCKET={socket}\n  \
-         target/debug/ployzctl status\n  \
-         target/debug/ployzctl machine ls\n  \
+         target/debug/ployzctl deploy history hello\n  \
          target/debug/ployzctl op ls\n\
-         Stop it (NATS too) with `cargo xtask down`."
+         Stop everything with `cargo xtask down`."
     );
     Ok(())
 }
+
+/// The image examples/hello.toml runs.
+const EXAMPLE_IMAGE: &str = "ployz-example:latest";
 
 fn down(root: &Path) -> Result<()> {
     let paths = DevPaths::new(root);
@@ -154,7 +188,26 @@ fn down(root: &Path) -> Result<()> {
         );
     }
     let socket = paths.socket.display().to_string();
-    run(Command::new(&ployzctl).args(["--socket", &socket, "daemon", "stop", "--services"]))
+    // Workloads outlive the daemon by design; `down` removes the example's explicitly.
+    let containers = Command::new("docker")
+        .args(["ps", "-aq", "--filter", "label=ployz.namespace=hello"])
+        .output()?;
+    for id in String::from_utf8_lossy(&containers.stdout).split_whitespace() {
+        run(Command::new("docker").args(["rm", "-f", id]))?;
+    }
+    run(Command::new(&ployzctl).args(["--socket", &socket, "daemon", "stop", "--services"]))?;
+    let pool = paths.data_dir.join("pool");
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .map(|mounts| {
+            mounts
+                .lines()
+                .any(|line| line.split(' ').nth(1) == Some(&*pool.to_string_lossy()))
+        })
+        .unwrap_or(false);
+    if mounted {
+        run(Command::new("umount").arg(&pool))?;
+    }
+    Ok(())
 }
 
 fn cargo(root: &Path) -> Command {

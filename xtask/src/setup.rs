@@ -9,9 +9,11 @@ use anyhow::{Context, Result, bail};
 use crate::{run as run_command, step};
 
 /// Debian packages: storage, networking and SSH for the primitives; clang and
-/// LLVM 22 for the eBPF programs and bpf-linker; ping for the tests.
+/// LLVM 22 for the eBPF programs and bpf-linker; ping and busybox-static (the
+/// workload image) for the tests.
 const APT_PACKAGES: &[&str] = &[
     "btrfs-progs",
+    "busybox-static",
     "iproute2",
     "iputils-ping",
     "openssh-server",

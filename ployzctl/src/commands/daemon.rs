@@ -338,6 +338,18 @@ fn daemon_args(socket: &Path, launch: &DaemonLaunchArgs) -> Vec<std::ffi::OsStri
     if let Some(binary) = &launch.nats_bin {
         args.extend(["--nats-bin".into(), binary.into()]);
     }
+    if let Some(backend) = &launch.storage_backend {
+        args.extend(["--storage-backend".into(), backend.into()]);
+    }
+    if let Some(path) = &launch.storage_path {
+        args.extend(["--storage-path".into(), path.into()]);
+    }
+    if let Some(size) = &launch.storage_loop_size {
+        args.extend(["--storage-loop-size".into(), size.into()]);
+    }
+    if let Some(ttl) = &launch.operation_lease_ttl {
+        args.extend(["--operation-lease-ttl".into(), ttl.into()]);
+    }
     args
 }
 

@@ -2,6 +2,7 @@
 //! daemon, and prints a result through [`Output`].
 
 mod daemon;
+mod deploy;
 mod docs;
 mod machine;
 mod mesh;
@@ -53,6 +54,7 @@ pub async fn run(cli: Cli, output: &Output) -> Result<(), ApiError> {
         Command::Daemon(command) => daemon::run(&context, command).await,
         Command::Mesh(command) => mesh::run(&context, command).await,
         Command::Machine(command) => machine::run(&context, command).await,
+        Command::Deploy(args) => deploy::run(&context, args).await,
         Command::Op(command) => op::run(&context, command).await,
         Command::Completions { shell } => docs::completions(shell),
         Command::Man { out_dir } => docs::man(&context, &out_dir),

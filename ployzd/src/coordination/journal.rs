@@ -11,10 +11,12 @@
 //!   failed operation stays a fact, a retry never turns it into a success;
 //! - the same id with a different request: `OperationIdReused` (usage).
 
-use std::time::{Duration, Instant};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     store::{
@@ -347,7 +349,13 @@ impl<S: Store> Journal<S> {
 
     async fn take_lease(&self, id: &OperationId) -> Result<Lease, JournalError> {
         self.leases
-            .acquire(&id.lease_name(), &self.runner, self.lease_ttl)
+            // One holder per attempt: a lease re-acquired by its own holder is
+            // renewed, so two requests in one daemon must not share a name.
+            .acquire(
+                &id.lease_name(),
+                &format!("{}#{:08x}", self.runner, rand::random::<u32>()),
+                self.lease_ttl,
+            )
             .await
             .map_err(|error| match error {
                 LeaseError::Held { holder, .. } => JournalError::InProgress {
@@ -369,12 +377,23 @@ impl<S: Store> Journal<S> {
 }
 
 /// A running attempt of an operation: records steps, then a result or a failure.
+///
+/// Its lease lasts the journal's lease TTL. An operation that may run longer
+/// polls [`OperationRun::keep_alive`] alongside its work.
 pub struct OperationRun<S: Store> {
     journal: Journal<S>,
     record: OperationRecord,
     revision: Revision,
-    lease: Lease,
-    renewed_at: Instant,
+    /// The current lease; `keep_alive` publishes each renewal here.
+    lease: Arc<watch::Sender<Lease>>,
+    /// Ends `keep_alive` when the run finishes or is dropped.
+    finished: CancellationToken,
+}
+
+impl<S: Store> Drop for OperationRun<S> {
+    fn drop(&mut self) {
+        self.finished.cancel();
+    }
 }
 
 impl<S: Store> OperationRun<S> {
@@ -383,8 +402,22 @@ impl<S: Store> OperationRun<S> {
             journal,
             record,
             revision,
-            lease,
-            renewed_at: Instant::now(),
+            lease: Arc::new(watch::channel(lease).0),
+            finished: CancellationToken::new(),
+        }
+    }
+
+    /// Renews the operation's lease until the run finishes (or is dropped).
+    /// Poll it concurrently with the operation's work, e.g. with `tokio::join!`.
+    pub fn keep_alive(&self) -> impl Future<Output = ()> + Send + 'static {
+        let leases = self.journal.leases.clone();
+        let lease = self.lease.clone();
+        let ttl = self.journal.lease_ttl;
+        let finished = self.finished.clone();
+        async move {
+            if let Err(error) = leases.keep_alive(&lease, ttl, finished).await {
+                tracing::warn!(lease = %lease.borrow().name, error = %crate::error_chain(&error), "operation lease lost; the commit will refuse");
+            }
         }
     }
 
@@ -396,21 +429,13 @@ impl<S: Store> OperationRun<S> {
         self.record.attempts
     }
 
-    /// Records a step's status, renewing the operation's lease when due.
+    /// Records a step's status.
     pub async fn step(
         &mut self,
         step: &str,
         status: StepStatus,
         detail: impl Into<String>,
     ) -> Result<(), JournalError> {
-        if self.renewed_at.elapsed() >= self.journal.lease_ttl / 3 {
-            self.lease = self
-                .journal
-                .leases
-                .renew(&self.lease, self.journal.lease_ttl)
-                .await?;
-            self.renewed_at = Instant::now();
-        }
         self.append(step, status, detail.into()).await
     }
 
@@ -433,7 +458,8 @@ impl<S: Store> OperationRun<S> {
         result: Option<serde_json::Value>,
         error: Option<RecordedError>,
     ) -> Result<OperationRecord, JournalError> {
-        self.journal.leases.ensure_held(&self.lease).await?;
+        let lease = self.lease.borrow().clone();
+        self.journal.leases.ensure_held(&lease).await?;
         let detail = match (&result, &error) {
             (Some(result), _) => serde_json::to_string(result).map_err(JournalError::Encode)?,
             (None, Some(error)) => format!("{} ({}): {}", error.class, error.code, error.message),
@@ -455,8 +481,10 @@ impl<S: Store> OperationRun<S> {
             .store
             .update(&key, encode(&key, &self.record)?, self.revision)
             .await?;
-        self.journal.release_quietly(&self.lease).await;
-        Ok(self.record)
+        self.finished.cancel();
+        let lease = self.lease.borrow().clone();
+        self.journal.release_quietly(&lease).await;
+        Ok(self.record.clone())
     }
 
     async fn append(
@@ -621,7 +649,8 @@ mod tests {
     async fn a_running_operation_is_not_run_twice_concurrently() {
         let store = MemoryStore::new();
         let a = Journal::new(store.clone(), "runner-a");
-        let b = Journal::new(store, "runner-b");
+        // The same runner too: two requests inside one daemon must not share the lease.
+        let b = Journal::new(store, "runner-a");
         let op = id("op-4");
         let Begin::Run(_run) = a
             .begin(&op, "mesh_init", &Req { network: "prod" })
@@ -632,7 +661,9 @@ mod tests {
         };
         let second = b.begin(&op, "mesh_init", &Req { network: "prod" }).await;
         match second {
-            Err(JournalError::InProgress { runner, .. }) => assert_eq!(runner, "runner-a"),
+            Err(JournalError::InProgress { runner, .. }) => {
+                assert!(runner.starts_with("runner-a#"), "{runner}")
+            }
             Err(other) => panic!("expected InProgress, got {other}"),
             Ok(_) => panic!("expected InProgress, got a run"),
         }

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::{
     coordination::{OperationRecord, StepEvent},
+    deploy::{DeployPlan, DeployRecord},
     services::SidecarOrigin,
     time::unix_ms,
 };
@@ -193,6 +194,77 @@ impl v1::ployz_server::Ployz for ApiService {
         }))
     }
 
+    async fn deploy_preview(
+        &self,
+        request: Request<v1::DeployRequest>,
+    ) -> ApiResult<v1::DeployPlan> {
+        let plan = self
+            .daemon
+            .deploy_preview(&request.into_inner().manifest_toml)
+            .await;
+        reply(plan.map(|plan| deploy_plan(&plan)))
+    }
+
+    async fn deploy(&self, request: Request<v1::DeployRequest>) -> ApiResult<v1::DeployResponse> {
+        let request = request.into_inner();
+        let deployed = self
+            .daemon
+            .deploy(&request.operation_id, &request.manifest_toml)
+            .await;
+        reply(deployed.map(|reply| {
+            v1::DeployResponse {
+                operation: Some(summary(&reply.operation, reply.replayed)),
+                commit: Some(deploy_commit(&reply.record)),
+                plan: reply.plan.as_ref().map(deploy_plan),
+                cleanup_failures: reply
+                    .result
+                    .cleanup_failures
+                    .iter()
+                    .map(|(container, reason)| v1::CleanupFailure {
+                        container: container.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
+                resumed: reply.result.resumed,
+            }
+        }))
+    }
+
+    async fn deploy_history(
+        &self,
+        request: Request<v1::DeployHistoryRequest>,
+    ) -> ApiResult<v1::DeployHistoryResponse> {
+        let history = self
+            .daemon
+            .deploy_history(&request.into_inner().namespace)
+            .await;
+        reply(history.map(|records| v1::DeployHistoryResponse {
+            commits: records.iter().map(deploy_commit).collect(),
+        }))
+    }
+
+    async fn deploy_show(
+        &self,
+        request: Request<v1::DeployShowRequest>,
+    ) -> ApiResult<v1::DeployCommit> {
+        let record = self.daemon.deploy_show(&request.into_inner().commit).await;
+        reply(record.map(|record| deploy_commit(&record)))
+    }
+
+    async fn deploy_export(
+        &self,
+        request: Request<v1::DeployExportRequest>,
+    ) -> ApiResult<v1::DeployExportResponse> {
+        let exported = self
+            .daemon
+            .deploy_export(&request.into_inner().commit)
+            .await;
+        reply(exported.map(|(commit, manifest)| v1::DeployExportResponse {
+            commit: commit.to_string(),
+            manifest_toml: manifest.to_toml(),
+        }))
+    }
+
     async fn shutdown(
         &self,
         request: Request<v1::ShutdownRequest>,
@@ -241,5 +313,112 @@ fn event(step: &StepEvent) -> v1::OperationEvent {
         status: step.status.as_str().to_owned(),
         detail: step.detail.clone(),
         attempt: step.attempt,
+    }
+}
+
+fn deploy_plan(plan: &DeployPlan) -> v1::DeployPlan {
+    v1::DeployPlan {
+        commit: plan.commit.to_string(),
+        machine: plan.machine.clone(),
+        services: plan
+            .services
+            .iter()
+            .map(|service| v1::ServiceChange {
+                service: service.service.clone(),
+                action: service.action.as_str().to_owned(),
+                strategy: service.strategy.as_str().to_owned(),
+                replicas: service.replicas,
+                current_containers: service.current.iter().map(|c| c.id.clone()).collect(),
+                reason: service.reason.clone(),
+                config_hash: service.config_hash.clone(),
+            })
+            .collect(),
+        removed_services: plan
+            .removed_services
+            .iter()
+            .map(|removed| v1::RemovedService {
+                service: removed.service.clone(),
+                containers: removed.containers.iter().map(|c| c.id.clone()).collect(),
+            })
+            .collect(),
+        volumes: plan
+            .volumes
+            .iter()
+            .map(|volume| v1::VolumeChange {
+                volume: volume.volume.clone(),
+                service: volume.service.clone(),
+                create: volume.create,
+                deploy_point: volume.deploy_point.clone().unwrap_or_default(),
+                restore: volume.restore.clone().unwrap_or_default(),
+            })
+            .collect(),
+        routes_changed: plan.routes.changed,
+        routes: plan
+            .routes
+            .routes
+            .iter()
+            .map(|route| v1::Route {
+                service: route.service.clone(),
+                hosts: route.hosts.clone(),
+                paths: route.paths.clone(),
+                tcp: route.tcp.map(u32::from).unwrap_or(0),
+                port: u32::from(route.port),
+                instances: Vec::new(),
+            })
+            .collect(),
+        orphans: plan.orphans.clone(),
+        notes: plan.notes.clone(),
+    }
+}
+
+fn deploy_commit(record: &DeployRecord) -> v1::DeployCommit {
+    v1::DeployCommit {
+        commit: record.commit.to_string(),
+        operation: record.operation.clone(),
+        created_at_unix_ms: record.created_at_unix_ms,
+        machine: record.machine.clone(),
+        reverts: record.reverts.clone().unwrap_or_default(),
+        services: record
+            .services
+            .iter()
+            .map(|(name, service)| v1::ServiceState {
+                service: name.clone(),
+                config_hash: service.config_hash.clone(),
+                containers: service
+                    .containers
+                    .iter()
+                    .map(|c| v1::Container {
+                        id: c.id.clone(),
+                        name: c.name.clone(),
+                        replica: c.replica,
+                        machine: c.machine.clone(),
+                        addresses: c.addresses.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        volumes: record
+            .volumes
+            .iter()
+            .map(|(name, volume)| v1::VolumeState {
+                volume: name.clone(),
+                service: volume.service.clone(),
+                deploy_point: volume.deploy_point.clone().unwrap_or_default(),
+                restored_from: volume.restored_from.clone().unwrap_or_default(),
+            })
+            .collect(),
+        routes: record
+            .routes
+            .iter()
+            .map(|route| v1::Route {
+                service: route.service.clone(),
+                hosts: route.hosts.clone(),
+                paths: route.paths.clone(),
+                tcp: route.tcp.map(u32::from).unwrap_or(0),
+                port: u32::from(route.port),
+                instances: route.instances.clone(),
+            })
+            .collect(),
+        manifest_toml: record.manifest.to_toml(),
     }
 }

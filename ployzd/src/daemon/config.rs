@@ -5,6 +5,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -35,6 +36,22 @@ pub struct DaemonArgs {
     /// Log filter, e.g. `info` or `ployzd=debug,info`.
     #[arg(long, env = "PLOYZ_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// Volume backend: `btrfs`, `zfs` or `dir` (no snapshots).
+    #[arg(long, env = "PLOYZ_STORAGE_BACKEND", value_name = "BACKEND")]
+    pub storage_backend: Option<String>,
+    /// The btrfs pool directory, the ZFS parent dataset, or the dir backend's root.
+    #[arg(long, env = "PLOYZ_STORAGE_PATH", value_name = "PATH")]
+    pub storage_path: Option<PathBuf>,
+    /// For btrfs: when the pool path is not on btrfs, create a loop-file pool of
+    /// this size (e.g. `2GiB`) under the data dir and mount it there. For dev and tests.
+    #[arg(long, env = "PLOYZ_STORAGE_LOOP_SIZE", value_name = "SIZE")]
+    pub storage_loop_size: Option<String>,
+    /// How long a crashed operation keeps its lease (and its namespace locked), e.g. `30s`.
+    #[arg(long, env = "PLOYZ_OPERATION_LEASE_TTL", value_name = "DURATION")]
+    pub operation_lease_ttl: Option<String>,
+    /// The Docker engine's socket.
+    #[arg(long, env = "PLOYZ_DOCKER_SOCKET", value_name = "PATH")]
+    pub docker_socket: Option<PathBuf>,
 }
 
 /// The configuration file's shape. Unknown keys are errors.
@@ -46,6 +63,25 @@ struct FileConfig {
     log: Option<String>,
     #[serde(default)]
     nats: FileNatsConfig,
+    #[serde(default)]
+    storage: FileStorageConfig,
+    #[serde(default)]
+    operations: FileOperationsConfig,
+    docker_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStorageConfig {
+    backend: Option<String>,
+    path: Option<PathBuf>,
+    loop_size: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOperationsConfig {
+    lease_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +99,29 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     pub log: String,
     pub nats: NatsConfig,
+    pub storage: StorageConfig,
+    /// How long a crashed operation's lease (and its namespace lock) lasts.
+    pub operation_lease_ttl: Duration,
+    pub docker_socket: PathBuf,
+}
+
+/// Where volumes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// btrfs pool directory, ZFS parent dataset, or dir root.
+    pub path: PathBuf,
+    /// btrfs only: size of a loop-file pool to create when `path` is not on btrfs.
+    pub loop_size: Option<u64>,
+}
+
+/// The volume backends a machine can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageBackend {
+    Btrfs,
+    Zfs,
+    /// Plain directories: no snapshots, clones or transfers.
+    Dir,
 }
 
 /// How the daemon runs its NATS sidecar.
@@ -78,6 +137,9 @@ pub struct NatsConfig {
 /// The default NATS client port. Not 4222, so a Ployz machine can also run an
 /// unrelated NATS on the standard port.
 pub const DEFAULT_NATS_PORT: u16 = 4722;
+
+/// How long a crashed operation blocks a retry by default.
+pub const DEFAULT_OPERATION_LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// Unix socket paths are limited to 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -96,7 +158,7 @@ impl DaemonConfig {
                 }
             }
         };
-        let config = DaemonConfig {
+        let mut config = DaemonConfig {
             data_dir: args
                 .data_dir
                 .clone()
@@ -121,7 +183,68 @@ impl DaemonConfig {
                     .unwrap_or(DEFAULT_NATS_PORT),
                 monitor_port: args.nats_monitor_port.or(file.nats.monitor_port),
             },
+            storage: StorageConfig {
+                backend: StorageBackend::Dir,
+                path: PathBuf::new(),
+                loop_size: None,
+            },
+            operation_lease_ttl: DEFAULT_OPERATION_LEASE_TTL,
+            docker_socket: args
+                .docker_socket
+                .clone()
+                .or(file.docker_socket)
+                .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
         };
+        config.storage.backend = match args
+            .storage_backend
+            .clone()
+            .or(file.storage.backend)
+            .as_deref()
+        {
+            None | Some("dir") => StorageBackend::Dir,
+            Some("btrfs") => StorageBackend::Btrfs,
+            Some("zfs") => StorageBackend::Zfs,
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "storage.backend",
+                    message: format!("`{other}` is not one of btrfs, zfs, dir"),
+                });
+            }
+        };
+        config.storage.path = match (
+            args.storage_path.clone().or(file.storage.path),
+            config.storage.backend,
+        ) {
+            (Some(path), _) => path,
+            (None, StorageBackend::Dir) => config.data_dir.join("volumes"),
+            (None, StorageBackend::Btrfs) => config.data_dir.join("pool"),
+            (None, StorageBackend::Zfs) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "storage.path",
+                    message: "the zfs backend needs a parent dataset, e.g. `tank/ployz`".to_owned(),
+                });
+            }
+        };
+        if let Some(size) = args.storage_loop_size.clone().or(file.storage.loop_size) {
+            let bytes = crate::deploy::manifest::parse_bytes(&size).map_err(|message| {
+                ConfigError::InvalidValue {
+                    key: "storage.loop_size",
+                    message,
+                }
+            })?;
+            config.storage.loop_size = Some(bytes);
+        }
+        if let Some(ttl) = args
+            .operation_lease_ttl
+            .clone()
+            .or(file.operations.lease_ttl)
+        {
+            config.operation_lease_ttl =
+                parse_duration(&ttl).map_err(|message| ConfigError::InvalidValue {
+                    key: "operations.lease_ttl",
+                    message,
+                })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -186,9 +309,7 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         source,
     })?;
     toml::from_str(&text).map_err(|error| {
-        let line = error
-            .span()
-            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        let line = error.span().map(|span| crate::line_of(&text, span.start));
         ConfigError::Invalid {
             path: path.to_owned(),
             line,
@@ -221,6 +342,17 @@ pub enum ConfigError {
     DataDirIsFile { path: PathBuf },
     #[error("`{key}` must be a port between 1 and 65535")]
     InvalidPort { key: &'static str },
+    #[error("`{key}`: {message}")]
+    InvalidValue { key: &'static str, message: String },
+}
+
+/// Parses `500ms`, `30s`, `2m`; at least one second, at most one day.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = crate::deploy::manifest::parse_duration(text)?;
+    if duration < Duration::from_secs(1) || duration > Duration::from_secs(86_400) {
+        return Err(format!("`{text}` must be between 1s and 24h"));
+    }
+    Ok(duration)
 }
 
 #[cfg(test)]

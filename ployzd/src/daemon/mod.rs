@@ -5,7 +5,9 @@
 //! its own exit.
 
 pub mod api;
+pub mod backends;
 pub mod config;
+mod deploy;
 mod operations;
 mod server;
 
@@ -18,6 +20,7 @@ use std::{
 use tokio::sync::{Mutex, RwLock};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use self::backends::Volumes;
 pub use self::{
     config::{ConfigError, DaemonArgs, DaemonConfig},
     server::{ServerError, run},
@@ -26,10 +29,12 @@ pub use crate::error_chain;
 use crate::{
     coordination::Journal,
     machine::{IdentityError, LocalIdentity},
+    runtime::{ContainerRuntime, ContainerState, docker::DockerRuntime, labels},
     services::{
         SidecarError,
         nats::{NatsSidecar, NatsSidecarConfig},
     },
+    storage::VolumeBackend,
     store::{
         StoreError,
         nats::{NatsStore, NatsStoreConfig},
@@ -53,6 +58,10 @@ pub struct Daemon {
     cluster: RwLock<ClusterState>,
     /// Serializes operations that change the local identity.
     identity_lock: Mutex<()>,
+    /// This machine's volumes, or why they could not be opened.
+    volumes: Result<Volumes, String>,
+    /// The container engine, connected on first use (it may start after the daemon).
+    containers: Mutex<Option<DockerRuntime>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -91,6 +100,17 @@ impl Daemon {
         })?;
         let identity = LocalIdentity::load(&config.data_dir)?;
         let hostname = hostname();
+        let volumes = Volumes::open(&config.storage, &config.data_dir)
+            .await
+            .map_err(|error| error_chain(&error));
+        match &volumes {
+            Ok(volumes) => {
+                tracing::info!(backend = volumes.kind(), path = %config.storage.path.display(), "volumes ready")
+            }
+            Err(reason) => {
+                tracing::error!(%reason, "volumes unavailable; deploys with volumes will fail their preconditions")
+            }
+        }
         let daemon = Arc::new(Self {
             runner: format!("ployzd/{hostname}/{}", std::process::id()),
             hostname,
@@ -99,6 +119,8 @@ impl Daemon {
             started: Instant::now(),
             cluster: RwLock::new(ClusterState::Uninitialized),
             identity_lock: Mutex::new(()),
+            volumes,
+            containers: Mutex::new(None),
             tasks: TaskTracker::new(),
             shutdown,
         });
@@ -113,7 +135,54 @@ impl Daemon {
         } else {
             tracing::info!("no machine identity yet: run `ployzctl mesh init <network>`");
         }
+        daemon.adopt_workloads().await;
         Ok(daemon)
+    }
+
+    /// Looks at the workload containers already running and leaves them be: a
+    /// daemon restart never stops or recreates a workload.
+    async fn adopt_workloads(&self) {
+        let Ok(containers) = self.containers().await else {
+            tracing::info!("no container engine reachable yet; workloads are not inspected");
+            return;
+        };
+        let filter =
+            std::collections::BTreeMap::from([(labels::MANAGED.to_owned(), "true".to_owned())]);
+        match containers.list(&filter).await {
+            Ok(found) => {
+                let running = found
+                    .iter()
+                    .filter(|c| c.state == ContainerState::Running)
+                    .count();
+                tracing::info!(
+                    containers = found.len(),
+                    running,
+                    "adopted workload containers as they are"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "cannot list workload containers")
+            }
+        }
+    }
+
+    /// The container engine, connecting on first use.
+    async fn containers(&self) -> Result<DockerRuntime, ployz_api::ApiError> {
+        let mut cached = self.containers.lock().await;
+        if let Some(runtime) = &*cached {
+            return Ok(runtime.clone());
+        }
+        let runtime = DockerRuntime::connect_with_socket(&self.config.docker_socket)
+            .await
+            .map_err(|error| {
+                ployz_api::ApiError::new(
+                    ployz_api::ErrorClass::Unavailable,
+                    "runtime_unavailable",
+                    format!("the Docker engine does not answer: {}", error_chain(&error)),
+                )
+            })?;
+        *cached = Some(runtime.clone());
+        Ok(runtime)
     }
 
     pub fn config(&self) -> &DaemonConfig {
@@ -183,7 +252,8 @@ impl Daemon {
         let mut store_config = NatsStoreConfig::new(nats.client_url());
         store_config.startup_timeout = STORE_CONNECT_TIMEOUT;
         let store = NatsStore::connect(store_config).await?;
-        let journal = Journal::new(store.clone(), self.runner.clone());
+        let journal = Journal::new(store.clone(), self.runner.clone())
+            .with_lease_ttl(self.config.operation_lease_ttl);
         Ok(Arc::new(ClusterRuntime {
             identity: identity.clone(),
             nats,

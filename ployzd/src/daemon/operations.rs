@@ -353,7 +353,7 @@ fn replay<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn recorded(error: &ApiError) -> RecordedError {
+pub(super) fn recorded(error: &ApiError) -> RecordedError {
     RecordedError {
         class: error.class.as_str().to_owned(),
         code: error.code.clone(),
@@ -361,7 +361,7 @@ fn recorded(error: &ApiError) -> RecordedError {
     }
 }
 
-fn class_from_str(class: &str) -> ErrorClass {
+pub(super) fn class_from_str(class: &str) -> ErrorClass {
     ErrorClass::ALL
         .into_iter()
         .find(|c| c.as_str() == class)
@@ -372,7 +372,7 @@ pub(super) fn store_error(error: StoreError) -> ApiError {
     store_error_class(&error)
 }
 
-fn journal_error(error: JournalError) -> ApiError {
+pub(super) fn journal_error(error: JournalError) -> ApiError {
     let (class, code) = match &error {
         JournalError::InvalidOperationId { .. } => (ErrorClass::Usage, "invalid_operation_id"),
         JournalError::OperationIdReused { .. } => (ErrorClass::Usage, "operation_id_reused"),
@@ -393,7 +393,7 @@ fn store_error_ref(store: &StoreError, whole: &JournalError) -> ApiError {
     api
 }
 
-fn store_error_class(error: &StoreError) -> ApiError {
+pub(super) fn store_error_class(error: &StoreError) -> ApiError {
     let (class, code) = match error {
         StoreError::Unavailable { .. } => (ErrorClass::Unavailable, "store_unavailable"),
         StoreError::AlreadyExists { .. } | StoreError::RevisionMismatch { .. } => {

@@ -313,7 +313,7 @@ impl<S: RecordStore> Leases<S> {
     /// lease expired. Run it in a task its owner joins.
     pub async fn keep_alive(
         &self,
-        current: watch::Sender<Lease>,
+        current: &watch::Sender<Lease>,
         ttl: Duration,
         shutdown: CancellationToken,
     ) -> Result<(), LeaseError> {
@@ -481,7 +481,7 @@ mod tests {
         let keeper = {
             let leases = leases.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move { leases.keep_alive(sender, TTL, shutdown).await })
+            tokio::spawn(async move { leases.keep_alive(&sender, TTL, shutdown).await })
         };
         tokio::time::sleep(TTL).await;
         let renewed = receiver.borrow().clone();
@@ -505,7 +505,7 @@ mod tests {
             .expect("expired lease");
         let (sender, _receiver) = watch::channel(lease);
         let result = leases
-            .keep_alive(sender, TTL, CancellationToken::new())
+            .keep_alive(&sender, TTL, CancellationToken::new())
             .await;
         assert!(matches!(result, Err(LeaseError::Lost { .. })), "{result:?}");
     }

@@ -1,0 +1,834 @@
+//! Applying a deploy plan through the runtime, storage and store contracts.
+//!
+//! Order of work: take the namespace lease; undo what an interrupted attempt
+//! of the same operation left; observe and plan (every precondition fails here,
+//! before anything mutates); per service, start the new containers and wait for
+//! them to be healthy (stopping the old ones first, snapshotting and restoring
+//! volumes, when the service owns volumes); then **commit**: one create-if-absent
+//! write of the deploy record, the point of no return; then clean up what the
+//! commit replaced. A failure before the commit undoes what this deploy did and
+//! says which step failed; a failed cleanup after it is reported, and the next
+//! deploy of the namespace removes what is left.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    health::{self, HealthError},
+    manifest::{Manifest, Service},
+    plan::{
+        self, DeployPlan, Observation, PlanError, ServiceAction, ServicePlan, Strategy,
+        VolumeObservation,
+    },
+    record::{
+        ContainerRecord, DeployRecord, RouteRecord, ServiceRecord, VolumeRecord, history_prefix,
+    },
+};
+use crate::{
+    coordination::{JournalError, OperationRun, StepStatus},
+    runtime::{
+        ContainerId, ContainerRuntime, ContainerSpec, ContainerState, Mount, RuntimeError, labels,
+    },
+    storage::{SnapshotName, StorageError, VolumeBackend, VolumeName},
+    store::{
+        Store, StoreError, encode,
+        lease::{Lease, LeaseError, Leases},
+    },
+    time::now_unix_ms,
+};
+
+/// How long a deploy holds its namespace without renewing; renewed at each step.
+const NAMESPACE_LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// Runs deploys on this machine.
+#[derive(Clone)]
+pub struct Deployer<S, R, V> {
+    store: S,
+    runtime: R,
+    volumes: V,
+    leases: Leases<S>,
+    machine: String,
+    runner: String,
+    lease_ttl: Duration,
+}
+
+/// Everything a deploy needs, handed in by the composition root.
+pub struct DeployerDeps<S, R, V> {
+    pub store: S,
+    pub runtime: R,
+    pub volumes: V,
+    /// This machine's id.
+    pub machine: String,
+    /// Names this daemon in leases.
+    pub runner: String,
+}
+
+/// A committed deploy and what happened around the commit.
+#[derive(Clone, Debug)]
+pub struct DeployOutcome {
+    pub record: DeployRecord,
+    pub plan: DeployPlan,
+    /// Containers the cleanup after the commit could not remove, with why.
+    pub cleanup_failures: Vec<(String, String)>,
+    /// True when an earlier attempt of the same operation had already committed.
+    pub resumed: bool,
+}
+
+/// Why a deploy failed. Every variant before the commit leaves the namespace
+/// as it was (what the deploy started is removed; what it stopped is restarted).
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("namespace `{namespace}` is being deployed by {holder}; retry when it finishes")]
+    Locked { namespace: String, holder: String },
+    #[error("step `{step}` failed: {cause}; undone: {undone}")]
+    StepFailed {
+        step: String,
+        cause: String,
+        /// What was rolled back, in words.
+        undone: String,
+        unhealthy: bool,
+    },
+    #[error("commit `{commit}` was written by someone else; nothing of this deploy was kept")]
+    CommitConflict { commit: String },
+    #[error("no deploy commit `{commit}`")]
+    NoSuchCommit { commit: String },
+    #[error("deploy record")]
+    Store(#[from] StoreError),
+    #[error("namespace lease")]
+    Lease(#[from] LeaseError),
+    #[error("operation journal")]
+    Journal(#[from] JournalError),
+    #[error("container runtime")]
+    Runtime(#[from] RuntimeError),
+    #[error("volumes")]
+    Storage(#[from] StorageError),
+}
+
+/// What this deploy changed so far, to undo it before the commit.
+#[derive(Default)]
+struct Progress {
+    started: Vec<ContainerId>,
+    stopped: Vec<ContainerId>,
+    /// Volumes whose content this deploy may have changed, with the deploy point to return to.
+    touched_volumes: Vec<(VolumeName, SnapshotName)>,
+    /// Volumes this deploy created.
+    created_volumes: Vec<VolumeName>,
+}
+
+impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
+    pub fn new(deps: DeployerDeps<S, R, V>) -> Self {
+        Self {
+            leases: Leases::new(deps.store.clone()),
+            store: deps.store,
+            runtime: deps.runtime,
+            volumes: deps.volumes,
+            machine: deps.machine,
+            runner: deps.runner,
+            lease_ttl: NAMESPACE_LEASE_TTL,
+        }
+    }
+
+    /// Overrides how long a crashed deploy keeps its namespace locked.
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// The plan `manifest` would run now, without changing anything.
+    pub async fn preview(&self, manifest: &Manifest) -> Result<DeployPlan, DeployError> {
+        let observed = self.observe(manifest).await?;
+        Ok(plan::plan(manifest, &observed)?)
+    }
+
+    /// The namespace's commits, oldest first.
+    pub async fn history(&self, namespace: &str) -> Result<Vec<DeployRecord>, DeployError> {
+        let records = self.store.list(&history_prefix(namespace)).await?;
+        records
+            .iter()
+            .map(|record| record.decode::<DeployRecord>().map_err(DeployError::from))
+            .collect()
+    }
+
+    /// One commit.
+    pub async fn show(
+        &self,
+        commit: &super::record::CommitId,
+    ) -> Result<DeployRecord, DeployError> {
+        self.store
+            .get(&commit.key())
+            .await?
+            .ok_or_else(|| DeployError::NoSuchCommit {
+                commit: commit.to_string(),
+            })?
+            .decode()
+            .map_err(DeployError::from)
+    }
+
+    /// Deploys `manifest` as operation `run`, recording each step in it. The
+    /// namespace's lease is renewed while the deploy runs and proven held at the commit.
+    pub async fn apply(
+        &self,
+        run: &mut OperationRun<S>,
+        manifest: &Manifest,
+    ) -> Result<DeployOutcome, DeployError> {
+        let namespace = manifest.namespace.clone();
+        let lease = watch::channel(self.lock(&namespace, &run.id().to_string()).await?).0;
+        let done = CancellationToken::new();
+        let work = async {
+            let result = self.apply_locked(run, manifest, &lease).await;
+            done.cancel();
+            result
+        };
+        let keeper = self.leases.keep_alive(&lease, self.lease_ttl, done.clone());
+        let (result, kept) = tokio::join!(work, keeper);
+        if let Err(error) = kept {
+            tracing::warn!(%namespace, error = %crate::error_chain(&error), "namespace lease was lost during the deploy");
+        }
+        let current = lease.borrow().clone();
+        if let Err(error) = self.leases.release(&current).await {
+            tracing::warn!(%namespace, error = %crate::error_chain(&error), "could not release the namespace lease; it expires on its own");
+        }
+        result
+    }
+
+    async fn apply_locked(
+        &self,
+        run: &mut OperationRun<S>,
+        manifest: &Manifest,
+        lease: &watch::Sender<Lease>,
+    ) -> Result<DeployOutcome, DeployError> {
+        let operation = run.id().to_string();
+        // An earlier attempt of this operation may have committed before its
+        // runner died: then the commit stands, and only its cleanup is left.
+        if let Some(record) = self
+            .history(&manifest.namespace)
+            .await?
+            .into_iter()
+            .rev()
+            .find(|record| record.operation == operation)
+        {
+            run.step(
+                "commit",
+                StepStatus::Skipped,
+                format!("{} was committed by an earlier attempt", record.commit),
+            )
+            .await?;
+            let observed = self.observe(&record.manifest).await?;
+            let plan = plan::plan(&record.manifest, &observed)?;
+            let cleanup_failures = self.clean_up(run, &plan, &record).await?;
+            return Ok(DeployOutcome {
+                record,
+                plan,
+                cleanup_failures,
+                resumed: true,
+            });
+        }
+
+        self.undo_interrupted_attempt(run, manifest).await?;
+        let observed = self.observe(manifest).await?;
+        let plan = plan::plan(manifest, &observed)?;
+        run.step(
+            "plan",
+            StepStatus::Done,
+            format!(
+                "commit {} on {}: {}",
+                plan.commit,
+                plan.machine,
+                summarize(&plan)
+            ),
+        )
+        .await?;
+
+        let mut progress = Progress::default();
+        let mut containers: BTreeMap<String, Vec<ContainerRecord>> = BTreeMap::new();
+        let mut volume_records = BTreeMap::new();
+        for service_plan in &plan.services {
+            let service = &manifest.services[&service_plan.service];
+            let step = format!("service {}", service_plan.service);
+            match self
+                .deploy_service(run, manifest, service, service_plan, &plan, &mut progress)
+                .await
+            {
+                Ok(records) => {
+                    containers.insert(service_plan.service.clone(), records);
+                }
+                Err(cause) => {
+                    let unhealthy = matches!(&cause, StepCause::Health(_));
+                    let cause = cause.to_string();
+                    run.step(&step, StepStatus::Failed, cause.clone()).await?;
+                    let undone = self.undo(&progress).await;
+                    run.step("undo", StepStatus::Done, undone.clone()).await?;
+                    return Err(DeployError::StepFailed {
+                        step,
+                        cause,
+                        undone,
+                        unhealthy,
+                    });
+                }
+            }
+        }
+        for volume in &plan.volumes {
+            volume_records.insert(
+                volume.volume.clone(),
+                VolumeRecord {
+                    service: volume.service.clone(),
+                    machine: self.machine.clone(),
+                    deploy_point: volume.deploy_point.clone(),
+                    restored_from: volume.restore.clone(),
+                },
+            );
+        }
+
+        let record = DeployRecord {
+            commit: plan.commit.clone(),
+            operation,
+            created_at_unix_ms: now_unix_ms(),
+            machine: self.machine.clone(),
+            manifest: manifest.clone(),
+            reverts: manifest.reverts.clone(),
+            routes: routes(manifest, &containers),
+            services: plan
+                .services
+                .iter()
+                .map(|s| {
+                    (
+                        s.service.clone(),
+                        ServiceRecord {
+                            config_hash: s.config_hash.clone(),
+                            containers: containers.get(&s.service).cloned().unwrap_or_default(),
+                        },
+                    )
+                })
+                .collect(),
+            volumes: volume_records,
+        };
+
+        // The point of no return: prove the namespace is still ours, then write
+        // the one record that makes this deploy true.
+        let held = lease.borrow().clone();
+        if let Err(error) = self.leases.ensure_held(&held).await {
+            let undone = self.undo(&progress).await;
+            run.step(
+                "commit",
+                StepStatus::Failed,
+                format!("{error}; undone: {undone}"),
+            )
+            .await?;
+            return Err(error.into());
+        }
+        let key = record.commit.key();
+        match self.store.create(&key, encode(&key, &record)?).await {
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists { .. }) => {
+                let undone = self.undo(&progress).await;
+                run.step(
+                    "commit",
+                    StepStatus::Failed,
+                    format!("{} exists; undone: {undone}", record.commit),
+                )
+                .await?;
+                return Err(DeployError::CommitConflict {
+                    commit: record.commit.to_string(),
+                });
+            }
+            Err(error) => {
+                let undone = self.undo(&progress).await;
+                run.step(
+                    "commit",
+                    StepStatus::Failed,
+                    format!("{error}; undone: {undone}"),
+                )
+                .await?;
+                return Err(error.into());
+            }
+        }
+        run.step("commit", StepStatus::Done, record.commit.to_string())
+            .await?;
+
+        let cleanup_failures = self.clean_up(run, &plan, &record).await?;
+        Ok(DeployOutcome {
+            record,
+            plan,
+            cleanup_failures,
+            resumed: false,
+        })
+    }
+
+    /// Takes the namespace's lease for `operation`; held by anyone else, even
+    /// another operation of this daemon, it is a conflict.
+    async fn lock(&self, namespace: &str, operation: &str) -> Result<Lease, DeployError> {
+        let holder = format!("{} (operation {operation})", self.runner);
+        self.leases
+            .acquire(&format!("ns-{namespace}"), &holder, self.lease_ttl)
+            .await
+            .map_err(|error| match error {
+                LeaseError::Held { holder, .. } => DeployError::Locked {
+                    namespace: namespace.to_owned(),
+                    holder,
+                },
+                other @ (LeaseError::Lost { .. }
+                | LeaseError::InvalidName { .. }
+                | LeaseError::InvalidTtl { .. }
+                | LeaseError::Store(_)) => DeployError::Lease(other),
+            })
+    }
+
+    /// Observes what the planner needs.
+    async fn observe(&self, manifest: &Manifest) -> Result<Observation, DeployError> {
+        let head = self.history(&manifest.namespace).await?.pop();
+        let filter = BTreeMap::from([
+            (labels::MANAGED.to_owned(), "true".to_owned()),
+            (labels::NAMESPACE.to_owned(), manifest.namespace.clone()),
+        ]);
+        let containers = self.runtime.list(&filter).await?;
+        let mut images = BTreeMap::new();
+        for service in manifest.services.values() {
+            if !images.contains_key(&service.image) {
+                let present = self.runtime.image_exists(&service.image).await?;
+                images.insert(service.image.clone(), present);
+            }
+        }
+        let capabilities = self.volumes.capabilities();
+        let mut volumes = BTreeMap::new();
+        for service in manifest.services.values() {
+            for mount in &service.volumes {
+                let name = VolumeName::new(&manifest.namespace, &mount.name)?;
+                let exists = self.volumes.get(&name).await?.is_some();
+                let snapshots = if exists && capabilities.snapshots {
+                    self.volumes
+                        .snapshots(&name)
+                        .await?
+                        .into_iter()
+                        .map(|s| s.name.as_str().to_owned())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                volumes.insert(mount.name.clone(), VolumeObservation { exists, snapshots });
+            }
+        }
+        Ok(Observation {
+            machine: self.machine.clone(),
+            head,
+            containers,
+            images,
+            volumes,
+            storage: capabilities,
+            storage_kind: self.volumes.kind(),
+        })
+    }
+
+    /// Removes the containers an interrupted attempt of this operation started
+    /// and returns its volumes to the deploy point it snapshotted.
+    async fn undo_interrupted_attempt(
+        &self,
+        run: &mut OperationRun<S>,
+        manifest: &Manifest,
+    ) -> Result<(), DeployError> {
+        if run.attempt() <= 1 {
+            return Ok(());
+        }
+        let filter = BTreeMap::from([
+            (labels::MANAGED.to_owned(), "true".to_owned()),
+            (labels::OPERATION.to_owned(), run.id().to_string()),
+        ]);
+        let leftovers = self.runtime.list(&filter).await?;
+        for container in &leftovers {
+            self.runtime.remove(&container.id).await?;
+        }
+        let next = self
+            .history(&manifest.namespace)
+            .await?
+            .pop()
+            .map_or(1, |head| head.commit.seq + 1);
+        let deploy_point = SnapshotName::new(&format!("deploy-{next}"))?;
+        let mut restored = Vec::new();
+        if self.volumes.capabilities().snapshots {
+            for service in manifest.services.values() {
+                for mount in &service.volumes {
+                    let name = VolumeName::new(&manifest.namespace, &mount.name)?;
+                    let taken = self.volumes.get(&name).await?.is_some()
+                        && self
+                            .volumes
+                            .snapshots(&name)
+                            .await?
+                            .iter()
+                            .any(|s| s.name == deploy_point);
+                    if taken {
+                        self.volumes.rollback(&name, &deploy_point).await?;
+                        restored.push(name.to_string());
+                    }
+                }
+            }
+        }
+        run.step(
+            "undo_interrupted_attempt",
+            if leftovers.is_empty() && restored.is_empty() {
+                StepStatus::Skipped
+            } else {
+                StepStatus::Done
+            },
+            format!(
+                "removed {} container(s); restored volumes {restored:?} to {deploy_point}",
+                leftovers.len()
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Brings one service to its planned state, recording what it changed.
+    async fn deploy_service(
+        &self,
+        run: &mut OperationRun<S>,
+        manifest: &Manifest,
+        service: &Service,
+        service_plan: &ServicePlan,
+        plan: &DeployPlan,
+        progress: &mut Progress,
+    ) -> Result<Vec<ContainerRecord>, StepCause> {
+        let name = &service_plan.service;
+        let step = format!("service {name}");
+        if service_plan.strategy == Strategy::StopFirst
+            && service_plan.action != ServiceAction::Keep
+        {
+            for container in &service_plan.current {
+                let id = ContainerId(container.id.clone());
+                self.runtime.stop(&id, service.stop_grace_period).await?;
+                progress.stopped.push(id);
+            }
+        }
+        // Volumes: create, take the deploy point (also for a kept service: a
+        // live, crash-consistent snapshot), restore when asked.
+        for volume_plan in plan.volumes.iter().filter(|v| &v.service == name) {
+            let volume = VolumeName::new(&manifest.namespace, &volume_plan.volume)?;
+            if volume_plan.create && self.volumes.get(&volume).await?.is_none() {
+                self.volumes.create(&volume).await?;
+                progress.created_volumes.push(volume.clone());
+            }
+            if let Some(snapshot) = &volume_plan.deploy_point {
+                let snapshot = SnapshotName::new(snapshot)?;
+                let exists = self
+                    .volumes
+                    .snapshots(&volume)
+                    .await?
+                    .iter()
+                    .any(|s| s.name == snapshot);
+                if !exists {
+                    self.volumes.snapshot(&volume, &snapshot).await?;
+                }
+                if service_plan.action != ServiceAction::Keep {
+                    progress.touched_volumes.push((volume.clone(), snapshot));
+                }
+            }
+            if let Some(restore) = &volume_plan.restore {
+                self.volumes
+                    .rollback(&volume, &SnapshotName::new(restore)?)
+                    .await?;
+            }
+        }
+        if service_plan.action == ServiceAction::Keep {
+            run.step(&step, StepStatus::Skipped, "unchanged and running")
+                .await?;
+            return Ok(service_plan.current.clone());
+        }
+
+        run.step(
+            &step,
+            StepStatus::Started,
+            format!("{:?} {:?}", service_plan.action, service_plan.strategy),
+        )
+        .await?;
+        let mut started = Vec::new();
+        for replica in 0..service_plan.replicas {
+            let spec = self
+                .container_spec(manifest, service, service_plan, plan, replica, run)
+                .await?;
+            let id = self.runtime.create(&spec).await?;
+            progress.started.push(id.clone());
+            self.runtime.start(&id).await?;
+            started.push((replica, spec.name, id));
+        }
+        let mut records = Vec::new();
+        for (replica, container_name, id) in started {
+            health::wait_ready(&self.runtime, &id, service.health.as_ref()).await?;
+            let addresses = self
+                .runtime
+                .inspect(&id)
+                .await?
+                .map(|info| info.addresses.iter().map(ToString::to_string).collect())
+                .unwrap_or_default();
+            records.push(ContainerRecord {
+                id: id.0,
+                name: container_name,
+                replica,
+                machine: self.machine.clone(),
+                addresses,
+            });
+        }
+        let ids: Vec<&str> = records
+            .iter()
+            .map(|r| r.id.get(..12).unwrap_or(&r.id))
+            .collect();
+        run.step(
+            &step,
+            StepStatus::Done,
+            format!("healthy: {}", ids.join(", ")),
+        )
+        .await?;
+        Ok(records)
+    }
+
+    async fn container_spec(
+        &self,
+        manifest: &Manifest,
+        service: &Service,
+        service_plan: &ServicePlan,
+        plan: &DeployPlan,
+        replica: u32,
+        run: &OperationRun<S>,
+    ) -> Result<ContainerSpec, StepCause> {
+        let mut mounts = Vec::new();
+        for mount in &service.volumes {
+            let name = VolumeName::new(&manifest.namespace, &mount.name)?;
+            let volume =
+                self.volumes
+                    .get(&name)
+                    .await?
+                    .ok_or_else(|| StorageError::NoSuchVolume {
+                        volume: name.to_string(),
+                    })?;
+            mounts.push(Mount {
+                host_path: volume.path,
+                container_path: mount.mount.clone(),
+                read_only: false,
+            });
+        }
+        let labels = BTreeMap::from([
+            (labels::MANAGED.to_owned(), "true".to_owned()),
+            (labels::NAMESPACE.to_owned(), manifest.namespace.clone()),
+            (labels::SERVICE.to_owned(), service_plan.service.clone()),
+            (labels::DEPLOY.to_owned(), plan.commit.to_string()),
+            (labels::OPERATION.to_owned(), run.id().to_string()),
+            (labels::REPLICA.to_owned(), replica.to_string()),
+            (
+                labels::CONFIG_HASH.to_owned(),
+                service_plan.config_hash.clone(),
+            ),
+        ]);
+        Ok(ContainerSpec {
+            name: format!(
+                "ployz-{}-{}-{}-{replica}",
+                manifest.namespace, service_plan.service, plan.commit.seq
+            ),
+            image: service.image.clone(),
+            entrypoint: service.entrypoint.clone(),
+            command: service.command.clone(),
+            env: service.env.clone(),
+            labels,
+            mounts,
+            memory_bytes: service.resources.memory_bytes(),
+            cpu_millis: service.resources.cpu_millis(),
+            stop_grace: service.stop_grace_period,
+            dns: Vec::new(),
+        })
+    }
+
+    /// Undoes a deploy that will not commit; returns what it did, in words.
+    /// Best effort: every step is tried, and failures are named.
+    async fn undo(&self, progress: &Progress) -> String {
+        let mut done = Vec::new();
+        for id in progress.started.iter().rev() {
+            match self.runtime.remove(id).await {
+                Ok(()) => done.push(format!("removed new container {}", short(&id.0))),
+                Err(error) => done.push(format!(
+                    "FAILED to remove new container {}: {error}",
+                    short(&id.0)
+                )),
+            }
+        }
+        for (volume, snapshot) in &progress.touched_volumes {
+            match self.volumes.rollback(volume, snapshot).await {
+                Ok(()) => done.push(format!("restored volume {volume} to {snapshot}")),
+                Err(error) => done.push(format!(
+                    "FAILED to restore volume {volume} to {snapshot}: {error}"
+                )),
+            }
+        }
+        for id in &progress.stopped {
+            match self.runtime.start(id).await {
+                Ok(()) => done.push(format!("restarted old container {}", short(&id.0))),
+                Err(error) => done.push(format!(
+                    "FAILED to restart old container {}: {error}",
+                    short(&id.0)
+                )),
+            }
+        }
+        if !progress.created_volumes.is_empty() {
+            let names: Vec<String> = progress
+                .created_volumes
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            done.push(format!("kept new empty volumes {names:?}"));
+        }
+        if done.is_empty() {
+            "nothing to undo".to_owned()
+        } else {
+            done.join("; ")
+        }
+    }
+
+    /// Removes what the commit replaced: old containers of replaced services,
+    /// containers of removed services, and orphans.
+    async fn clean_up(
+        &self,
+        run: &mut OperationRun<S>,
+        plan: &DeployPlan,
+        record: &DeployRecord,
+    ) -> Result<Vec<(String, String)>, DeployError> {
+        let kept: Vec<&str> = record
+            .services
+            .values()
+            .flat_map(|s| s.containers.iter().map(|c| c.id.as_str()))
+            .collect();
+        let mut doomed: Vec<(String, Duration)> = Vec::new();
+        for service in &plan.services {
+            let grace = record
+                .manifest
+                .services
+                .get(&service.service)
+                .map_or(Duration::from_secs(10), |s| s.stop_grace_period);
+            doomed.extend(service.current.iter().map(|c| (c.id.clone(), grace)));
+        }
+        for removed in &plan.removed_services {
+            doomed.extend(
+                removed
+                    .containers
+                    .iter()
+                    .map(|c| (c.id.clone(), Duration::from_secs(10))),
+            );
+        }
+        doomed.extend(
+            plan.orphans
+                .iter()
+                .map(|id| (id.clone(), Duration::from_secs(10))),
+        );
+        doomed.retain(|(id, _)| !kept.contains(&id.as_str()));
+        doomed.sort();
+        doomed.dedup_by(|a, b| a.0 == b.0);
+
+        let mut failures = Vec::new();
+        for (id, grace) in &doomed {
+            let id = ContainerId(id.clone());
+            let result = async {
+                if let Some(info) = self.runtime.inspect(&id).await?
+                    && info.state == ContainerState::Running
+                {
+                    self.runtime.stop(&id, *grace).await?;
+                }
+                self.runtime.remove(&id).await
+            }
+            .await;
+            if let Err(error) = result {
+                failures.push((id.0.clone(), crate::error_chain(&error)));
+            }
+        }
+        let status = if !failures.is_empty() {
+            StepStatus::Failed
+        } else if doomed.is_empty() {
+            StepStatus::Skipped
+        } else {
+            StepStatus::Done
+        };
+        let detail = if failures.is_empty() {
+            format!("removed {} replaced container(s)", doomed.len())
+        } else {
+            format!(
+                "could not remove {:?}; the next deploy of the namespace removes them",
+                failures
+                    .iter()
+                    .map(|(id, why)| format!("{}: {why}", short(id)))
+                    .collect::<Vec<_>>()
+            )
+        };
+        run.step("cleanup", status, detail).await?;
+        Ok(failures)
+    }
+}
+
+/// Why a service step failed.
+#[derive(Debug, thiserror::Error)]
+enum StepCause {
+    #[error("not healthy: {0}")]
+    Health(#[from] HealthError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+fn routes(
+    manifest: &Manifest,
+    containers: &BTreeMap<String, Vec<ContainerRecord>>,
+) -> Vec<RouteRecord> {
+    manifest
+        .services
+        .iter()
+        .flat_map(|(name, service)| {
+            service.routes.iter().map(move |route| RouteRecord {
+                service: name.clone(),
+                hosts: route.hosts.clone(),
+                paths: route.paths.clone(),
+                tcp: route.tcp,
+                port: route.port,
+                instances: containers
+                    .get(name)
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|c| {
+                        c.addresses
+                            .iter()
+                            .map(|address| format_socket(address, route.port))
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+fn format_socket(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// One line describing a plan, for the journal.
+pub fn summarize(plan: &DeployPlan) -> String {
+    let count = |action: ServiceAction| plan.services.iter().filter(|s| s.action == action).count();
+    format!(
+        "{} to create, {} to replace, {} to keep, {} to remove; {} volume(s); routes {}",
+        count(ServiceAction::Create),
+        count(ServiceAction::Replace),
+        count(ServiceAction::Keep),
+        plan.removed_services.len(),
+        plan.volumes.len(),
+        if plan.routes.changed {
+            "change"
+        } else {
+            "unchanged"
+        }
+    )
+}

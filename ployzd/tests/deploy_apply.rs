@@ -1,0 +1,280 @@
+//! The deploy executor against the memory store, the memory runtime and the
+//! plain-directory volume backend: every path of apply (create, zero-downtime
+//! replace, keep, undo on an unhealthy service, a locked namespace, cleanup of
+//! removed services) without Docker. The same flows run on real Docker and
+//! btrfs in the workspace's `tests/tests/deploy.rs`.
+
+use std::time::Duration;
+
+use ployzd::{
+    coordination::{Begin, Journal, OperationId, OperationRun},
+    deploy::{DeployError, DeployOutcome, Deployer, DeployerDeps, Manifest, PlanError},
+    runtime::{
+        ContainerRuntime, ContainerState, ExecOutput, labels,
+        memory::{ExecReply, MemoryRuntime},
+    },
+    storage::dir::DirVolumes,
+    store::{lease::Leases, memory::MemoryStore},
+};
+
+struct World {
+    store: MemoryStore,
+    runtime: MemoryRuntime,
+    deployer: Deployer<MemoryStore, MemoryRuntime, DirVolumes>,
+    journal: Journal<MemoryStore>,
+    _volumes: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> Self {
+        let store = MemoryStore::new();
+        let runtime = MemoryRuntime::new();
+        runtime.add_image("app:v1");
+        runtime.add_image("app:v2");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volumes = DirVolumes::open(dir.path()).expect("dir volumes");
+        let deployer = Deployer::new(DeployerDeps {
+            store: store.clone(),
+            runtime: runtime.clone(),
+            volumes,
+            machine: "m-1".to_owned(),
+            runner: "test-runner".to_owned(),
+        });
+        Self {
+            journal: Journal::new(store.clone(), "test-runner"),
+            store,
+            runtime,
+            deployer,
+            _volumes: dir,
+        }
+    }
+
+    async fn run(&self, id: &str, manifest: &Manifest) -> OperationRun<MemoryStore> {
+        let id = OperationId::parse(id).expect("valid id");
+        match self
+            .journal
+            .begin(&id, "deploy", &manifest.to_toml())
+            .await
+            .expect("begin")
+        {
+            Begin::Run(run) => run,
+            Begin::Replay(_) => panic!("a new operation must run"),
+        }
+    }
+
+    async fn deploy(&self, id: &str, manifest: &Manifest) -> Result<DeployOutcome, DeployError> {
+        let mut run = self.run(id, manifest).await;
+        self.deployer.apply(&mut run, manifest).await
+    }
+
+    async fn running(&self, namespace: &str) -> Vec<String> {
+        let filter = [(labels::NAMESPACE.to_owned(), namespace.to_owned())].into();
+        let mut ids: Vec<String> = self
+            .runtime
+            .list(&filter)
+            .await
+            .expect("list")
+            .into_iter()
+            .filter(|c| c.state == ContainerState::Running)
+            .map(|c| c.id.0)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn all(&self, namespace: &str) -> usize {
+        let filter = [(labels::NAMESPACE.to_owned(), namespace.to_owned())].into();
+        self.runtime.list(&filter).await.expect("list").len()
+    }
+}
+
+fn manifest(image: &str, extra: &str) -> Manifest {
+    Manifest::parse(&format!(
+        "namespace = \"shop\"\n[services.web]\nimage = \"{image}\"\nreplicas = 2\n{extra}"
+    ))
+    .expect("valid manifest")
+}
+
+#[tokio::test]
+async fn a_first_deploy_commits_its_containers_and_a_changed_one_replaces_them() {
+    let world = World::new();
+    let v1 = world
+        .deploy("op-1", &manifest("app:v1", ""))
+        .await
+        .expect("v1");
+    assert_eq!(v1.record.commit.to_string(), "shop/1");
+    let v1_ids: Vec<String> = v1.record.services["web"]
+        .containers
+        .iter()
+        .map(|c| c.id.clone())
+        .collect();
+    assert_eq!(v1_ids.len(), 2);
+    assert_eq!(world.running("shop").await.len(), 2);
+
+    let v2 = world
+        .deploy("op-2", &manifest("app:v2", ""))
+        .await
+        .expect("v2");
+    assert_eq!(v2.record.commit.to_string(), "shop/2");
+    assert!(v2.cleanup_failures.is_empty());
+    let v2_ids: Vec<String> = v2.record.services["web"]
+        .containers
+        .iter()
+        .map(|c| c.id.clone())
+        .collect();
+    assert!(v2_ids.iter().all(|id| !v1_ids.contains(id)));
+    let mut expected = v2_ids.clone();
+    expected.sort();
+    assert_eq!(world.running("shop").await, expected, "only v2 runs");
+    assert_eq!(
+        world.all("shop").await,
+        2,
+        "v1's containers are removed after the commit"
+    );
+    let history = world.deployer.history("shop").await.expect("history");
+    assert_eq!(history.len(), 2);
+}
+
+#[tokio::test]
+async fn an_identical_redeploy_keeps_the_running_containers() {
+    let world = World::new();
+    let v1 = world
+        .deploy("op-1", &manifest("app:v1", ""))
+        .await
+        .expect("v1");
+    let again = world
+        .deploy("op-2", &manifest("app:v1", ""))
+        .await
+        .expect("again");
+    assert_eq!(again.record.services["web"], v1.record.services["web"]);
+    assert_eq!(world.all("shop").await, 2);
+}
+
+#[tokio::test]
+async fn an_unhealthy_service_is_undone_and_nothing_is_committed() {
+    let world = World::new();
+    world
+        .deploy("op-1", &manifest("app:v1", ""))
+        .await
+        .expect("v1");
+    let before = world.running("shop").await;
+
+    world.runtime.set_exec_reply(
+        &["check"],
+        ExecReply::Output(ExecOutput {
+            exit_code: 1,
+            stdout: Vec::new(),
+            stderr: b"not ready".to_vec(),
+        }),
+    );
+    let broken = manifest(
+        "app:v2",
+        "health = { command = [\"check\"], interval = \"10ms\", retries = 2 }\n",
+    );
+    let error = world.deploy("op-2", &broken).await.expect_err("unhealthy");
+    let DeployError::StepFailed {
+        step,
+        unhealthy,
+        undone,
+        ..
+    } = &error
+    else {
+        panic!("expected StepFailed, got {error}");
+    };
+    assert_eq!(step, "service web");
+    assert!(unhealthy);
+    assert!(undone.contains("removed new container"), "{undone}");
+    assert_eq!(world.running("shop").await, before, "v1 keeps serving");
+    assert_eq!(world.all("shop").await, 2, "the new containers are removed");
+    assert_eq!(
+        world.deployer.history("shop").await.expect("history").len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_locked_namespace_is_a_conflict_before_anything_changes() {
+    let world = World::new();
+    let other = Leases::new(world.store.clone());
+    other
+        .acquire("ns-shop", "someone-else", Duration::from_secs(30))
+        .await
+        .expect("lock");
+    let error = world
+        .deploy("op-1", &manifest("app:v1", ""))
+        .await
+        .expect_err("locked");
+    assert!(
+        matches!(error, DeployError::Locked { ref holder, .. } if holder == "someone-else"),
+        "{error}"
+    );
+    assert_eq!(world.all("shop").await, 0);
+}
+
+#[tokio::test]
+async fn a_missing_image_fails_the_plan_before_anything_changes() {
+    let world = World::new();
+    let error = world
+        .deploy("op-1", &manifest("app:v3", ""))
+        .await
+        .expect_err("missing");
+    assert!(
+        matches!(error, DeployError::Plan(PlanError::ImageMissing { .. })),
+        "{error}"
+    );
+    assert_eq!(world.all("shop").await, 0);
+}
+
+#[tokio::test]
+async fn a_service_dropped_from_the_manifest_is_removed_after_the_commit() {
+    let world = World::new();
+    let both = Manifest::parse(
+        "namespace = \"shop\"\n[services.web]\nimage = \"app:v1\"\n[services.worker]\nimage = \"app:v1\"\n",
+    )
+    .expect("valid");
+    world.deploy("op-1", &both).await.expect("both");
+    assert_eq!(world.all("shop").await, 2);
+    let web_only = Manifest::parse("namespace = \"shop\"\n[services.web]\nimage = \"app:v1\"\n")
+        .expect("valid");
+    let outcome = world.deploy("op-2", &web_only).await.expect("web only");
+    assert_eq!(outcome.plan.removed_services.len(), 1);
+    assert_eq!(world.all("shop").await, 1);
+}
+
+#[tokio::test]
+async fn volumes_on_the_dir_backend_deploy_without_deploy_points_and_refuse_restores() {
+    let world = World::new();
+    let with_volume = Manifest::parse(
+        "namespace = \"shop\"\n[services.db]\nimage = \"app:v1\"\n[[services.db.volumes]]\nname = \"data\"\nmount = \"/data\"\n",
+    )
+    .expect("valid");
+    let outcome = world.deploy("op-1", &with_volume).await.expect("deploy");
+    assert_eq!(outcome.record.volumes["data"].deploy_point, None);
+    let spec = world
+        .runtime
+        .spec(&ployzd::runtime::ContainerId(
+            outcome.record.services["db"].containers[0].id.clone(),
+        ))
+        .expect("spec");
+    assert!(
+        spec.mounts[0].host_path.ends_with("volumes/shop/data"),
+        "{:?}",
+        spec.mounts
+    );
+
+    let restore = Manifest::parse(
+        "namespace = \"shop\"\n[services.db]\nimage = \"app:v1\"\n[[services.db.volumes]]\nname = \"data\"\nmount = \"/data\"\nrestore = \"deploy-1\"\n",
+    )
+    .expect("valid");
+    let error = world
+        .deploy("op-2", &restore)
+        .await
+        .expect_err("no snapshots");
+    assert!(
+        matches!(
+            error,
+            DeployError::Plan(PlanError::SnapshotsUnsupported { .. })
+        ),
+        "{error}"
+    );
+}
