@@ -78,6 +78,16 @@ fn render(status: &v1::StatusResponse) -> String {
             daemon.socket
         );
     }
+    for (name, subsystem) in [("runtime", &status.runtime), ("storage", &status.storage)] {
+        if let Some(subsystem) = subsystem {
+            let state = if subsystem.available {
+                "available"
+            } else {
+                "unavailable"
+            };
+            let _ = writeln!(text, "{name:<9} {state}: {}", subsystem.detail);
+        }
+    }
     if let Some(ebpf) = &status.ebpf {
         let state = if ebpf.available {
             "available"

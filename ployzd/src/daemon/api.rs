@@ -14,6 +14,7 @@ use crate::{
     coordination::{OperationRecord, StepEvent},
     deploy::{DeployPlan, DeployRecord},
     services::SidecarOrigin,
+    storage::VolumeBackend,
     time::unix_ms,
 };
 
@@ -84,6 +85,45 @@ impl v1::ployz_server::Ployz for ApiService {
             },
         };
         let datapath = crate::mesh::ebpf::availability();
+        let runtime = match daemon.containers().await {
+            Ok(containers) => match containers.version().await {
+                Ok(version) => v1::DataPathStatus {
+                    available: true,
+                    detail: format!(
+                        "Docker engine {version} at {}",
+                        daemon.config.docker_socket.display()
+                    ),
+                },
+                Err(error) => v1::DataPathStatus {
+                    available: false,
+                    detail: crate::error_chain(&error),
+                },
+            },
+            Err(error) => v1::DataPathStatus {
+                available: false,
+                detail: error.message,
+            },
+        };
+        let storage = match &daemon.volumes {
+            Ok(volumes) => {
+                let can = volumes.capabilities();
+                v1::DataPathStatus {
+                    available: true,
+                    detail: format!(
+                        "{} at {} (snapshots: {}, clones: {}, send/receive: {})",
+                        volumes.kind(),
+                        daemon.config.storage.path.display(),
+                        yes_no(can.snapshots),
+                        yes_no(can.clones),
+                        yes_no(can.send_receive)
+                    ),
+                }
+            }
+            Err(reason) => v1::DataPathStatus {
+                available: false,
+                detail: reason.clone(),
+            },
+        };
         reply(Ok(v1::StatusResponse {
             daemon: Some(v1::DaemonStatus {
                 version: VERSION.to_owned(),
@@ -116,6 +156,8 @@ impl v1::ployz_server::Ployz for ApiService {
                 available: datapath.available,
                 detail: datapath.detail,
             }),
+            runtime: Some(runtime),
+            storage: Some(storage),
         }))
     }
 
@@ -421,4 +463,8 @@ fn deploy_commit(record: &DeployRecord) -> v1::DeployCommit {
             .collect(),
         manifest_toml: record.manifest.to_toml(),
     }
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value { "yes" } else { "no" }
 }

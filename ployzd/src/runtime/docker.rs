@@ -74,6 +74,20 @@ impl DockerRuntime {
     }
 }
 
+impl DockerRuntime {
+    /// The engine's version, asked now (an observation for `status`).
+    pub async fn version(&self) -> Result<String, RuntimeError> {
+        let version = self
+            .docker
+            .version()
+            .await
+            .map_err(|error| classify("ask the Docker engine its version".to_owned(), error))?;
+        Ok(version
+            .version
+            .unwrap_or_else(|| "(unknown version)".to_owned()))
+    }
+}
+
 impl ContainerRuntime for DockerRuntime {
     async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
         match self.docker.inspect_image(image).await {
