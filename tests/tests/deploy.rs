@@ -542,3 +542,54 @@ fn a_manifest_with_an_unknown_field_is_refused_naming_field_and_line() {
     assert_eq!(run.json_error()["code"], "image_missing");
     assert!(node.containers().is_empty());
 }
+
+#[test]
+fn an_unhealthy_deploy_of_a_service_with_a_volume_restarts_v1_on_its_exact_bytes() {
+    let node = DeployNode::new("e2e-volundo");
+    let v1 = node.manifest("v1.toml", &APP.replace("VERSION_VALUE", "v1"));
+    node.deploy_ok(&v1, &[]);
+    let (v1_container, _) = the_running_container(&node);
+    exec(&v1_container, "echo before > /data/a.txt");
+    let before = tree_checksum(&node.volume_path("data"));
+
+    // v2 scribbles on the volume, then never becomes healthy.
+    let broken = APP
+        .replace("VERSION_VALUE", "v2")
+        .replace(
+            "mkdir -p /www && echo $VERSION > /www/index.html && exec httpd -f -p 8080 -h /www",
+            "echo scribbled > /data/a.txt; exec sleep 600",
+        )
+        .replace("retries = 25", "retries = 3");
+    let broken = node.manifest("v2.toml", &broken);
+    let failed = node.deploy(&broken, &[]);
+    assert_eq!(failed.code, Some(3), "{failed:?}");
+    let message = failed.json_error()["message"]
+        .as_str()
+        .expect("message")
+        .to_owned();
+    assert!(message.contains("restored volume"), "{message}");
+    assert!(message.contains("restarted old container"), "{message}");
+
+    // v1 runs again (stop-first: it had been stopped), on the bytes it had.
+    let (running, address) = the_running_container(&node);
+    assert_eq!(running, v1_container);
+    assert_eq!(http_get(&address, 8080).as_deref(), Some("v1"));
+    assert_eq!(tree_checksum(&node.volume_path("data")), before);
+    assert_eq!(node.containers().len(), 1);
+
+    // v1 keeps writing; the next deploy's deploy point must hold those writes.
+    exec(&v1_container, "echo after-the-failure > /data/b.txt");
+    let current = tree_checksum(&node.volume_path("data"));
+    let v2 = node.manifest("v2-good.toml", &APP.replace("VERSION_VALUE", "v2"));
+    node.deploy_ok(&v2, &[]);
+    let export = node
+        .node
+        .ployzctl(&["deploy", "export", &node.namespace, "--commit", "1"]);
+    let rollback = write_file(node.node.dir(), "rollback.toml", &export.stdout).expect("write");
+    node.deploy_ok(&rollback.display().to_string(), &[]);
+    assert_eq!(
+        tree_checksum(&node.volume_path("data")),
+        current,
+        "the deploy point was taken after the failed attempt, not reused from it"
+    );
+}

@@ -115,6 +115,8 @@ struct Progress {
     stopped: Vec<ContainerId>,
     /// Volumes whose content this deploy may have changed, with the deploy point to return to.
     touched_volumes: Vec<(VolumeName, SnapshotName)>,
+    /// Deploy-point snapshots this deploy used; stale once it is undone.
+    deploy_points: Vec<(VolumeName, SnapshotName)>,
     /// Volumes this deploy created.
     created_volumes: Vec<VolumeName>,
 }
@@ -228,7 +230,7 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             });
         }
 
-        self.undo_interrupted_attempt(run, manifest).await?;
+        self.clear_leftovers(run, manifest).await?;
         let observed = self.observe(manifest).await?;
         let plan = plan::plan(manifest, &observed)?;
         run.step(
@@ -422,59 +424,84 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         })
     }
 
-    /// Removes the containers an interrupted attempt of this operation started
-    /// and returns its volumes to the deploy point it snapshotted.
-    async fn undo_interrupted_attempt(
+    /// Clears what an interrupted deploy at the next commit left behind (this
+    /// operation's earlier attempt, or another operation whose runner died):
+    /// its containers can never be committed, so they are removed. Its
+    /// deploy-point snapshots are kept, and the volume returned to them, only
+    /// where the volume's service has not run since (it was stopped for the
+    /// deploy); elsewhere the snapshot is stale and is destroyed so this deploy
+    /// takes a fresh one.
+    async fn clear_leftovers(
         &self,
         run: &mut OperationRun<S>,
         manifest: &Manifest,
     ) -> Result<(), DeployError> {
-        if run.attempt() <= 1 {
-            return Ok(());
-        }
+        let head = self.history(&manifest.namespace).await?.pop();
+        let next = super::record::CommitId {
+            namespace: manifest.namespace.clone(),
+            seq: head.as_ref().map_or(1, |head| head.commit.seq + 1),
+        };
         let filter = BTreeMap::from([
             (labels::MANAGED.to_owned(), "true".to_owned()),
-            (labels::OPERATION.to_owned(), run.id().to_string()),
+            (labels::DEPLOY.to_owned(), next.to_string()),
         ]);
         let leftovers = self.runtime.list(&filter).await?;
         for container in &leftovers {
             self.runtime.remove(&container.id).await?;
         }
-        let next = self
-            .history(&manifest.namespace)
-            .await?
-            .pop()
-            .map_or(1, |head| head.commit.seq + 1);
-        let deploy_point = SnapshotName::new(&format!("deploy-{next}"))?;
+
         let mut restored = Vec::new();
+        let mut discarded = Vec::new();
         if self.volumes.capabilities().snapshots {
-            for service in manifest.services.values() {
+            let deploy_point = SnapshotName::new(&next.deploy_point())?;
+            for (service_name, service) in &manifest.services {
+                let head_containers = head
+                    .as_ref()
+                    .and_then(|head| head.services.get(service_name))
+                    .map(|record| record.containers.clone())
+                    .unwrap_or_default();
+                let mut service_ran = false;
+                for container in &head_containers {
+                    let info = self
+                        .runtime
+                        .inspect(&ContainerId(container.id.clone()))
+                        .await?;
+                    service_ran |= info.is_some_and(|info| info.state == ContainerState::Running);
+                }
                 for mount in &service.volumes {
                     let name = VolumeName::new(&manifest.namespace, &mount.name)?;
-                    let taken = self.volumes.get(&name).await?.is_some()
+                    let left = self.volumes.get(&name).await?.is_some()
                         && self
                             .volumes
                             .snapshots(&name)
                             .await?
                             .iter()
                             .any(|s| s.name == deploy_point);
-                    if taken {
+                    if !left {
+                        continue;
+                    }
+                    if service_ran {
+                        self.volumes.destroy_snapshot(&name, &deploy_point).await?;
+                        discarded.push(name.to_string());
+                    } else {
                         self.volumes.rollback(&name, &deploy_point).await?;
                         restored.push(name.to_string());
                     }
                 }
             }
         }
+        let status = if leftovers.is_empty() && restored.is_empty() && discarded.is_empty() {
+            StepStatus::Skipped
+        } else {
+            StepStatus::Done
+        };
         run.step(
-            "undo_interrupted_attempt",
-            if leftovers.is_empty() && restored.is_empty() {
-                StepStatus::Skipped
-            } else {
-                StepStatus::Done
-            },
+            "clear_leftovers",
+            status,
             format!(
-                "removed {} container(s); restored volumes {restored:?} to {deploy_point}",
-                leftovers.len()
+                "removed {} container(s) of an interrupted {next}; volumes returned to {}: {restored:?}; stale snapshots discarded: {discarded:?}",
+                leftovers.len(),
+                next.deploy_point()
             ),
         )
         .await?;
@@ -521,6 +548,9 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
                 if !exists {
                     self.volumes.snapshot(&volume, &snapshot).await?;
                 }
+                progress
+                    .deploy_points
+                    .push((volume.clone(), snapshot.clone()));
                 if service_plan.action != ServiceAction::Keep {
                     progress.touched_volumes.push((volume.clone(), snapshot));
                 }
@@ -666,6 +696,15 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
                     "FAILED to restart old container {}: {error}",
                     short(&id.0)
                 )),
+            }
+        }
+        // The old containers run again, so these deploy points no longer
+        // describe their volumes: a later deploy must take fresh ones.
+        for (volume, snapshot) in &progress.deploy_points {
+            if let Err(error) = self.volumes.destroy_snapshot(volume, snapshot).await {
+                done.push(format!(
+                    "FAILED to discard snapshot {volume}@{snapshot}: {error}"
+                ));
             }
         }
         if !progress.created_volumes.is_empty() {
