@@ -13,6 +13,7 @@ use crate::{run as run_command, step};
 /// workload image) for the tests.
 const APT_PACKAGES: &[&str] = &[
     "btrfs-progs",
+    "zfs-fuse",
     "busybox-static",
     "iproute2",
     "iputils-ping",

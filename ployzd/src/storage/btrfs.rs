@@ -727,6 +727,7 @@ impl BtrfsPool {
         &self.mount_point
     }
 
+    /// The image file backing the filesystem.
     pub fn image_file(&self) -> &Path {
         &self.image_file
     }

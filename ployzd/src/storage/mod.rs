@@ -202,9 +202,7 @@ pub trait VolumeBackend: Clone + Send + Sync + 'static {
 pub enum StorageError {
     #[error("invalid volume or snapshot name `{name}`")]
     InvalidName { name: String },
-    #[error(
-        "the {backend} backend cannot {operation}; use a btrfs or ZFS pool for volumes that need it"
-    )]
+    #[error("the {backend} backend cannot {operation}")]
     Unsupported {
         backend: &'static str,
         operation: &'static str,

@@ -15,8 +15,9 @@
 //!
 //! ZFS also cannot destroy a snapshot that a clone depends on. Such a
 //! snapshot is renamed out of the way and destroyed with `zfs destroy -d`
-//! (deferred until the clone goes); a destroyed volume that clones still
-//! depend on is renamed to `<name>.d<id>` and collected when they are gone.
+//! (deferred until the clone goes). Destroying a volume that other volumes
+//! were cloned from first promotes those clones, which takes the shared
+//! history off the volume, so the volume goes at once and the clones live on.
 
 use std::{
     path::Path,
@@ -32,6 +33,10 @@ use super::{
 };
 
 const BACKEND: &str = "zfs";
+
+/// How many clones a volume's destroy promotes before it gives up; each
+/// promotion frees the volume from at least one clone.
+const MAX_ADOPTIONS: usize = 64;
 
 /// User property holding a snapshot's creation time in Unix nanoseconds;
 /// ZFS's own `creation` has one-second resolution and the snapshots of a
@@ -57,8 +62,6 @@ enum Generation {
     Retired,
     /// `<name>.n<id>`: the next generation while a rollback swaps it in.
     Next,
-    /// `<name>.d<id>`: a destroyed volume's dataset that clones still need.
-    Destroyed,
 }
 
 impl Generation {
@@ -67,7 +70,6 @@ impl Generation {
             Self::Live => "",
             Self::Retired => ".r",
             Self::Next => ".n",
-            Self::Destroyed => ".d",
         }
     }
 
@@ -79,18 +81,9 @@ impl Generation {
         let generation = match rest.as_bytes().first()? {
             b'r' => Self::Retired,
             b'n' => Self::Next,
-            b'd' => Self::Destroyed,
             _ => return None,
         };
         Some((name, generation))
-    }
-
-    /// Whether the volume's snapshots may live on a dataset of this generation.
-    fn in_family(self) -> bool {
-        match self {
-            Self::Live | Self::Retired | Self::Next => true,
-            Self::Destroyed => false,
-        }
     }
 }
 
@@ -383,12 +376,7 @@ impl ZfsVolumes {
     }
 
     async fn family(&self, volume: &VolumeName) -> Result<Family, StorageError> {
-        let datasets: Vec<Dataset> = self
-            .datasets(volume)
-            .await?
-            .into_iter()
-            .filter(|dataset| dataset.generation.in_family())
-            .collect();
+        let datasets = self.datasets(volume).await?;
         let names: Vec<&str> = datasets
             .iter()
             .map(|dataset| dataset.name.as_str())
@@ -472,17 +460,10 @@ impl ZfsVolumes {
         match patiently(zfs().args(["destroy", &full])).await {
             Ok(_) => Ok(()),
             Err(error) if has_dependent_clones(&error) => {
-                let hidden = if snapshot.name.contains('.') {
-                    full
+                let hidden = if snapshot.visible_name().is_some() {
+                    self.hide(snapshot).await?
                 } else {
-                    let hidden = format!(
-                        "{}@{}.destroyed-{}",
-                        snapshot.dataset,
-                        snapshot.name,
-                        unique_id()
-                    );
-                    patiently(zfs().args(["rename", &full, &hidden])).await?;
-                    hidden
+                    full
                 };
                 patiently(zfs().args(["destroy", "-d", &hidden]))
                     .await
@@ -492,6 +473,89 @@ impl ZfsVolumes {
         }
     }
 
+    /// Renames a snapshot out of the contract's view; returns its new full name.
+    async fn hide(&self, snapshot: &ZfsSnapshot) -> Result<String, StorageError> {
+        let hidden = format!(
+            "{}@{}.destroyed-{}",
+            snapshot.dataset,
+            snapshot.name,
+            unique_id()
+        );
+        patiently(zfs().args(["rename", &snapshot.full_name(), &hidden])).await?;
+        Ok(hidden)
+    }
+
+    /// Destroys `datasets` (and their snapshots) in whatever order their
+    /// clone relations allow; returns those that clones elsewhere still need.
+    async fn destroy_until_stuck(
+        &self,
+        mut datasets: Vec<String>,
+    ) -> Result<Vec<String>, StorageError> {
+        loop {
+            let before = datasets.len();
+            let mut stuck = Vec::new();
+            for dataset in datasets {
+                match patiently(zfs().args(["destroy", "-r", &dataset])).await {
+                    Ok(_) => {}
+                    Err(error) if is_missing(&error) => {}
+                    Err(error) if has_dependent_clones(&error) => stuck.push(dataset),
+                    Err(error) => return Err(error),
+                }
+            }
+            if stuck.is_empty() || stuck.len() == before {
+                return Ok(stuck);
+            }
+            datasets = stuck;
+        }
+    }
+
+    /// Promotes the clone of `dataset` made from its latest snapshot. That
+    /// moves the snapshot and the ones before it — renamed out of the way
+    /// first, so they cannot collide with the clone's own — to the clone,
+    /// which no longer depends on `dataset`. Returns the clone.
+    async fn hand_history_to_a_clone(&self, dataset: &str) -> Result<String, StorageError> {
+        let snapshots = self.snapshots_of(&[dataset]).await?;
+        // Clones may live anywhere in the pool.
+        let pool = self.parent.split('/').next().unwrap_or(&self.parent);
+        let output = zfs()
+            .args([
+                "list",
+                "-H",
+                "-t",
+                "filesystem",
+                "-o",
+                "name,origin",
+                "-r",
+                pool,
+            ])
+            .run()
+            .await?;
+        let adopter = output
+            .stdout
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .filter_map(|(clone, origin)| {
+                let (origin_dataset, origin_snapshot) = origin.split_once('@')?;
+                let position = snapshots
+                    .iter()
+                    .position(|snapshot| snapshot.name == origin_snapshot)?;
+                (origin_dataset == dataset).then_some((position, clone))
+            })
+            .max_by_key(|(position, _)| *position)
+            .map(|(_, clone)| clone.to_owned())
+            .ok_or_else(|| StorageError::Command {
+                command: format!("zfs destroy -r {dataset}"),
+                stderr: "has dependent clones, but no clone of it was found".to_owned(),
+            })?;
+        for snapshot in &snapshots {
+            if snapshot.visible_name().is_some() {
+                self.hide(snapshot).await?;
+            }
+        }
+        patiently(zfs().args(["promote", &adopter])).await?;
+        Ok(adopter)
+    }
+
     /// Destroys `dataset` if it is an internal generation that no longer shows
     /// any snapshot, then does the same for what it was cloned from. Datasets
     /// that clones still need are left for a later pass.
@@ -499,7 +563,7 @@ impl ZfsVolumes {
         while let Some(name) = dataset.take() {
             let leaf = name.rsplit('/').next().unwrap_or_default();
             match Generation::parse(leaf) {
-                Some((_, Generation::Retired | Generation::Destroyed)) => {}
+                Some((_, Generation::Retired)) => {}
                 Some((_, Generation::Live | Generation::Next)) | None => return,
             }
             if !name.starts_with(&format!("{}/", self.parent)) {
@@ -624,11 +688,13 @@ impl VolumeBackend for ZfsVolumes {
         if self.volume(volume).await?.is_some() {
             return Err(already_exists());
         }
-        if let Err(error) = patiently(zfs().args(["create", "-p"]).arg(self.live(volume))).await {
-            if self.volume(volume).await?.is_some() {
-                return Err(already_exists());
-            }
-            return Err(error);
+        match patiently(zfs().args(["create", "-p"]).arg(self.live(volume))).await {
+            Ok(_) => {}
+            // Created but not mounted: mounted_volume mounts it.
+            Err(error) if says(&error, "successfully created") => {}
+            // Lost a race with another create of the same volume.
+            Err(_) if self.volume(volume).await?.is_some() => return Err(already_exists()),
+            Err(error) => return Err(error),
         }
         self.mounted_volume(volume).await
     }
@@ -679,10 +745,10 @@ impl VolumeBackend for ZfsVolumes {
 
     async fn destroy(&self, volume: &VolumeName) -> Result<(), StorageError> {
         let family = self.family(volume).await?;
-        let names: Vec<&str> = family
+        let mut remaining: Vec<String> = family
             .datasets
             .iter()
-            .map(|dataset| dataset.name.as_str())
+            .map(|dataset| dataset.name.clone())
             .collect();
         // What the family was cloned from outside itself may be waiting for it.
         let outside_origins: Vec<String> = family
@@ -690,34 +756,30 @@ impl VolumeBackend for ZfsVolumes {
             .iter()
             .filter_map(|dataset| dataset.origin.as_deref())
             .filter_map(|origin| origin.split_once('@').map(|(dataset, _)| dataset))
-            .filter(|origin| !names.contains(origin))
+            .filter(|origin| !remaining.iter().any(|name| name == origin))
             .map(str::to_owned)
             .collect();
-        // Generations are clones of each other: destroy until no progress,
-        // which leaves only datasets that clones outside the family need.
-        let mut remaining = family.datasets.clone();
-        loop {
-            let mut progressed = false;
-            let mut kept = Vec::new();
-            for dataset in remaining {
-                match patiently(zfs().args(["destroy", "-r", &dataset.name])).await {
-                    Ok(_) => progressed = true,
-                    Err(error) if has_dependent_clones(&error) => kept.push(dataset),
-                    Err(error) => return Err(error),
+        let mut adopters = Vec::new();
+        for _ in 0..MAX_ADOPTIONS {
+            remaining = self.destroy_until_stuck(remaining).await?;
+            let Some(stuck) = remaining.first() else {
+                break;
+            };
+            adopters.push(self.hand_history_to_a_clone(stuck).await?);
+        }
+        if let Some(stuck) = remaining.first() {
+            return Err(StorageError::Command {
+                command: format!("zfs destroy -r {stuck}"),
+                stderr: format!("still has dependent clones after {MAX_ADOPTIONS} promotions"),
+            });
+        }
+        // The adopters hold the volume's old history under hidden names.
+        for adopter in adopters {
+            for snapshot in self.snapshots_of(&[&adopter]).await? {
+                if snapshot.visible_name().is_none() && !snapshot.deferred {
+                    self.destroy_physical_snapshot(&snapshot).await?;
                 }
             }
-            remaining = kept;
-            if remaining.is_empty() || !progressed {
-                break;
-            }
-        }
-        for dataset in remaining {
-            let snapshots = self.snapshots_of(&[&dataset.name]).await?;
-            for snapshot in &snapshots {
-                self.destroy_physical_snapshot(snapshot).await?;
-            }
-            let destroyed = self.dataset(volume, Generation::Destroyed, &unique_id());
-            self.rename(&dataset.name, &destroyed, Mount::None).await?;
         }
         for origin in outside_origins {
             self.collect(Some(origin)).await;
@@ -916,10 +978,6 @@ mod tests {
         assert_eq!(
             Generation::parse("db.n0192ab"),
             Some(("db", Generation::Next))
-        );
-        assert_eq!(
-            Generation::parse("db.d0192ab"),
-            Some(("db", Generation::Destroyed))
         );
         assert_eq!(Generation::parse("db.x1"), None);
         assert_eq!(Generation::parse("db."), None);
