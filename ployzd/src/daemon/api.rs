@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     coordination::{OperationRecord, StepEvent},
-    deploy::{DeployPlan, DeployRecord},
+    deploy::{DeployPlan, DeployRecord, record::RouteRecord},
     services::SidecarOrigin,
     storage::VolumeBackend,
     time::unix_ms,
@@ -395,19 +395,7 @@ fn deploy_plan(plan: &DeployPlan) -> v1::DeployPlan {
             })
             .collect(),
         routes_changed: plan.routes.changed,
-        routes: plan
-            .routes
-            .routes
-            .iter()
-            .map(|route| v1::Route {
-                service: route.service.clone(),
-                hosts: route.hosts.clone(),
-                paths: route.paths.clone(),
-                tcp: route.tcp.map(u32::from).unwrap_or(0),
-                port: u32::from(route.port),
-                instances: Vec::new(),
-            })
-            .collect(),
+        routes: plan.routes.routes.iter().map(route).collect(),
         orphans: plan.orphans.clone(),
         notes: plan.notes.clone(),
     }
@@ -449,22 +437,22 @@ fn deploy_commit(record: &DeployRecord) -> v1::DeployCommit {
                 restored_from: volume.restored_from.clone().unwrap_or_default(),
             })
             .collect(),
-        routes: record
-            .routes
-            .iter()
-            .map(|route| v1::Route {
-                service: route.service.clone(),
-                hosts: route.hosts.clone(),
-                paths: route.paths.clone(),
-                tcp: route.tcp.map(u32::from).unwrap_or(0),
-                port: u32::from(route.port),
-                instances: route.instances.clone(),
-            })
-            .collect(),
+        routes: record.routes.iter().map(route).collect(),
         manifest_toml: record.manifest.to_toml(),
     }
 }
 
 fn yes_no(value: bool) -> &'static str {
     if value { "yes" } else { "no" }
+}
+
+fn route(route: &RouteRecord) -> v1::Route {
+    v1::Route {
+        service: route.service.clone(),
+        hosts: route.hosts.clone(),
+        paths: route.paths.clone(),
+        tcp: route.tcp.map(u32::from).unwrap_or(0),
+        port: u32::from(route.port),
+        instances: route.instances.clone(),
+    }
 }

@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Daemon,
-    operations::{class_from_str, journal_error, recorded, store_error_class},
+    operations::{journal_error, recorded, replay as replay_recorded, store_error_class},
 };
 use crate::{
-    coordination::{Begin, OperationId, OperationRecord, OperationState},
+    coordination::{Begin, OperationId, OperationRecord},
     deploy::{
         CommitId, DeployError, DeployPlan, DeployRecord, Deployer, DeployerDeps, Manifest,
         ManifestError, PlanError,
@@ -196,6 +196,7 @@ fn parse_commit(commit: &str) -> Result<CommitId, ApiError> {
     })
 }
 
+/// Replays a finished deploy: the recorded result, with its commit read back.
 async fn replay<S, R, V>(
     deployer: &Deployer<S, R, V>,
     record: OperationRecord,
@@ -205,48 +206,16 @@ where
     R: crate::runtime::ContainerRuntime,
     V: crate::storage::VolumeBackend,
 {
-    match (record.state, &record.result, &record.error) {
-        (OperationState::Succeeded, Some(result), _) => {
-            let result: DeployResult = serde_json::from_value(result.clone()).map_err(|error| {
-                ApiError::new(
-                    ErrorClass::Internal,
-                    "corrupt_operation_record",
-                    format!(
-                        "operation `{}` has an unreadable result: {error}",
-                        record.id
-                    ),
-                )
-            })?;
-            let commit = parse_commit(&result.commit)?;
-            let deployed = deployer.show(&commit).await.map_err(deploy_error)?;
-            Ok(DeployReply {
-                operation: record,
-                replayed: true,
-                record: deployed,
-                plan: None,
-                result,
-            })
-        }
-        (OperationState::Failed, _, Some(error)) => Err(ApiError::new(
-            class_from_str(&error.class),
-            error.code.clone(),
-            format!(
-                "{} (recorded result of operation {})",
-                error.message, record.id
-            ),
-        )),
-        (OperationState::Succeeded | OperationState::Failed | OperationState::Running, _, _) => {
-            Err(ApiError::new(
-                ErrorClass::Internal,
-                "corrupt_operation_record",
-                format!(
-                    "operation `{}` is {} without a result",
-                    record.id,
-                    record.state.as_str()
-                ),
-            ))
-        }
-    }
+    let finished = replay_recorded::<DeployResult>(record)?;
+    let commit = parse_commit(&finished.result.commit)?;
+    let deployed = deployer.show(&commit).await.map_err(deploy_error)?;
+    Ok(DeployReply {
+        operation: finished.record,
+        replayed: true,
+        record: deployed,
+        plan: None,
+        result: finished.result,
+    })
 }
 
 fn manifest_error(error: ManifestError) -> ApiError {

@@ -310,7 +310,7 @@ impl Daemon {
 }
 
 /// Turns a recorded operation back into what its first run returned.
-fn replay<T: serde::de::DeserializeOwned>(
+pub(super) fn replay<T: serde::de::DeserializeOwned>(
     record: OperationRecord,
 ) -> Result<Finished<T>, ApiError> {
     match (record.state, &record.result, &record.error) {

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     manifest::{Manifest, Route, Service},
-    record::{CommitId, ContainerRecord, DeployRecord},
+    record::{CommitId, ContainerRecord, DeployRecord, RouteRecord},
 };
 use crate::{
     runtime::{ContainerInfo, ContainerState},
@@ -128,16 +128,7 @@ pub struct VolumePlan {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RoutesChange {
     pub changed: bool,
-    pub routes: Vec<RouteSummary>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct RouteSummary {
-    pub service: String,
-    pub hosts: Vec<String>,
-    pub paths: Vec<String>,
-    pub tcp: Option<u16>,
-    pub port: u16,
+    pub routes: Vec<RouteRecord>,
 }
 
 /// A precondition the deploy cannot meet; nothing has been touched.
@@ -395,8 +386,8 @@ pub fn config_hash(namespace: &str, name: &str, service: &Service) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn route_summaries(manifest: &Manifest) -> Vec<RouteSummary> {
-    let mut routes: Vec<RouteSummary> = manifest
+fn route_summaries(manifest: &Manifest) -> Vec<RouteRecord> {
+    let mut routes: Vec<RouteRecord> = manifest
         .services
         .iter()
         .flat_map(|(name, service)| service.routes.iter().map(move |route| summary(name, route)))
@@ -405,13 +396,15 @@ fn route_summaries(manifest: &Manifest) -> Vec<RouteSummary> {
     routes
 }
 
-fn summary(service: &str, route: &Route) -> RouteSummary {
-    RouteSummary {
+/// A route as the plan shows it: what will be served, before any instance exists.
+fn summary(service: &str, route: &Route) -> RouteRecord {
+    RouteRecord {
         service: service.to_owned(),
         hosts: route.hosts.clone(),
         paths: route.paths.clone(),
         tcp: route.tcp,
         port: route.port,
+        instances: Vec::new(),
     }
 }
 

@@ -103,7 +103,7 @@ pub struct VolumeRecord {
 }
 
 /// A route as committed: what the gateway and DNS serve for this namespace.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RouteRecord {
     pub service: String,
     pub hosts: Vec<String>,
