@@ -32,6 +32,11 @@ impl Output {
         }
     }
 
+    /// True when progress lines are wanted: text output, not quiet, stderr a terminal.
+    pub fn shows_progress(&self) -> bool {
+        !self.json && !self.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    }
+
     /// Progress on stderr, for people only.
     pub fn progress(&self, line: &str) {
         if !self.json && !self.quiet {

@@ -1,6 +1,6 @@
 //! `ployzctl deploy …`: the deploy primitive, its preview, history and rollback export.
 
-use std::{fmt::Write as _, io::Read as _, path::Path};
+use std::{fmt::Write as _, io::Read as _, path::Path, time::Duration};
 
 use ployz_api::{ApiError, ErrorClass, v1};
 
@@ -75,11 +75,11 @@ async fn apply(context: &Context<'_>, file: &Path, op_id: Option<String>) -> Res
         file.display()
     ));
     let mut client = context.client(OPERATION_TIMEOUT).await?;
-    let response = client
-        .deploy(v1::DeployRequest {
-            operation_id: operation_id.clone(),
-            manifest_toml,
-        })
+    let deploy = client.deploy(v1::DeployRequest {
+        operation_id: operation_id.clone(),
+        manifest_toml,
+    });
+    let response = follow(context, &operation_id, deploy)
         .await
         .map_err(|e| context.call_error(e))?
         .into_inner();
@@ -110,6 +110,35 @@ async fn apply(context: &Context<'_>, file: &Path, op_id: Option<String>) -> Res
         text
     });
     Ok(())
+}
+
+/// Runs `work` (an operation's request) while printing the steps the
+/// operation records, as they happen, on a terminal.
+async fn follow<F: Future>(context: &Context<'_>, operation_id: &str, work: F) -> F::Output {
+    if !context.output.shows_progress() {
+        return work.await;
+    }
+    let mut watcher = context.client(READ_TIMEOUT).await.ok();
+    let mut seen = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            output = &mut work => return output,
+            _ = tick.tick() => {
+                let Some(client) = watcher.as_mut() else { continue };
+                let request = v1::GetOperationRequest { operation_id: operation_id.to_owned() };
+                let Ok(response) = client.get_operation(request).await else { continue };
+                for event in response.into_inner().events {
+                    if event.sequence > seen {
+                        seen = event.sequence;
+                        let detail = if event.step == "intent" { "" } else { one_line(&event.detail, 100) };
+                        context.output.progress(&format!("  {:<22} {:<9} {detail}", event.step, event.status));
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn history(context: &Context<'_>, namespace: String) -> Result<(), ApiError> {
@@ -326,6 +355,15 @@ fn route_line(route: &v1::Route) -> String {
             route.service,
             route.port
         )
+    }
+}
+
+/// The first line of `text`, at most `limit` characters.
+fn one_line(text: &str, limit: usize) -> &str {
+    let line = text.lines().next().unwrap_or("");
+    match line.char_indices().nth(limit) {
+        Some((end, _)) => &line[..end],
+        None => line,
     }
 }
 

@@ -13,6 +13,7 @@ use super::{
 use crate::{
     coordination::{OperationRecord, StepEvent},
     deploy::{DeployPlan, DeployRecord, record::RouteRecord},
+    runtime::ContainerRuntime,
     services::SidecarOrigin,
     storage::VolumeBackend,
     time::unix_ms,
@@ -87,13 +88,31 @@ impl v1::ployz_server::Ployz for ApiService {
         let datapath = crate::mesh::ebpf::availability();
         let runtime = match daemon.containers().await {
             Ok(containers) => match containers.version().await {
-                Ok(version) => v1::DataPathStatus {
-                    available: true,
-                    detail: format!(
-                        "Docker engine {version} at {}",
-                        daemon.config.docker_socket.display()
-                    ),
-                },
+                Ok(version) => {
+                    let managed = std::collections::BTreeMap::from([(
+                        crate::runtime::labels::MANAGED.to_owned(),
+                        "true".to_owned(),
+                    )]);
+                    let workloads = match containers.list(&managed).await {
+                        Ok(found) => {
+                            let running = found
+                                .iter()
+                                .filter(|c| c.state == crate::runtime::ContainerState::Running)
+                                .count();
+                            format!("{running} of {} workload container(s) running", found.len())
+                        }
+                        Err(error) => {
+                            format!("cannot list workloads: {}", crate::error_chain(&error))
+                        }
+                    };
+                    v1::DataPathStatus {
+                        available: true,
+                        detail: format!(
+                            "Docker engine {version} at {}; {workloads}",
+                            daemon.config.docker_socket.display()
+                        ),
+                    }
+                }
                 Err(error) => v1::DataPathStatus {
                     available: false,
                     detail: crate::error_chain(&error),

@@ -495,16 +495,16 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         } else {
             StepStatus::Done
         };
-        run.step(
-            "clear_leftovers",
-            status,
+        let detail = if status == StepStatus::Skipped {
+            format!("nothing left by an interrupted {next}")
+        } else {
             format!(
                 "removed {} container(s) of an interrupted {next}; volumes returned to {}: {restored:?}; stale snapshots discarded: {discarded:?}",
                 leftovers.len(),
                 next.deploy_point()
-            ),
-        )
-        .await?;
+            )
+        };
+        run.step("clear_leftovers", status, detail).await?;
         Ok(())
     }
 
@@ -570,7 +570,11 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         run.step(
             &step,
             StepStatus::Started,
-            format!("{:?} {:?}", service_plan.action, service_plan.strategy),
+            format!(
+                "{} ({})",
+                service_plan.action.as_str(),
+                service_plan.strategy.as_str()
+            ),
         )
         .await?;
         let mut started = Vec::new();
