@@ -450,16 +450,21 @@ fn check_label(field: &str, name: &str) -> Result<(), ManifestError> {
     }
 }
 
-/// Parses `512MiB`, `1GiB`, `100MB`, `1048576` into bytes.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
+/// Splits `250ms` into its number and its unit (`250`, `ms`); `None` when
+/// there is no number or it does not fit a u64.
+fn number_and_unit(text: &str) -> Option<(u64, &str)> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size like 256MiB"))?;
+    Some((number.parse().ok()?, unit))
+}
+
+/// Parses `512MiB`, `1GiB`, `100MB`, `1048576` into bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) =
+        number_and_unit(text).ok_or_else(|| format!("`{text}` is not a size like 256MiB"))?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
         "KB" | "kB" => 1000,
@@ -509,13 +514,8 @@ mod duration_text {
 
     pub fn parse(text: &str) -> Result<Duration, String> {
         let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let number: u64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a duration like 500ms, 10s, 2m or 1h"))?;
+        let (number, unit) = super::number_and_unit(text)
+            .ok_or_else(|| format!("`{text}` is not a duration like 500ms, 10s, 2m or 1h"))?;
         let ms = match unit {
             "ms" => Some(number),
             "s" => number.checked_mul(1000),
