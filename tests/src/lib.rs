@@ -6,6 +6,7 @@
 //! The binaries come from the same target directory as the test itself
 //! (`cargo test --workspace` builds them first).
 
+pub mod cluster;
 pub mod image;
 
 use std::{

@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::{run as run_command, step};
 
-/// Debian packages: storage, networking and SSH for the primitives; clang and
+/// Debian packages: storage, networking and SSH for the primitives (the
+/// multi-host test harness runs sshd, ssh and iptables per test host); clang and
 /// LLVM 22 for the eBPF programs and bpf-linker; ping and busybox-static (the
 /// workload image) for the tests.
 const APT_PACKAGES: &[&str] = &[
@@ -18,6 +19,10 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "openssh-server",
+    "openssh-client",
+    "iptables",
+    "wireguard-go",
+    "wireguard-tools",
     "clang",
     "llvm-22-dev",
     "libpolly-22-dev",
