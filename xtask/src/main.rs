@@ -4,7 +4,9 @@
 //! - `cargo xtask test`: setup, format check, clippy, every test. CI runs this.
 //! - `cargo xtask up`: start a single-machine cluster from this checkout.
 //! - `cargo xtask down`: stop it, sidecars included.
+//! - `cargo xtask bench overlay`: overlay throughput and latency next to references.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -44,6 +46,14 @@ enum Task {
     Up,
     /// Stop the cluster started by `up`: its app, NATS, the daemon, the pool.
     Down,
+    /// Run a benchmark and print its figures next to a reference (needs root).
+    Bench {
+        /// Also append the figures to docs/benchmarks.md.
+        #[arg(long)]
+        record: bool,
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
 }
 
 fn main() -> Result<()> {
@@ -57,6 +67,7 @@ fn main() -> Result<()> {
         } => test(&root, no_setup, &cargo_args),
         Task::Up => up(&root),
         Task::Down => down(&root),
+        Task::Bench { what, record } => bench::run(&root, what, record),
     }
 }
 

@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "wireguard-go",
     "wireguard-tools",
+    "iperf3",
     "clang",
     "llvm-22-dev",
     "libpolly-22-dev",
