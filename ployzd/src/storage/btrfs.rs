@@ -158,25 +158,6 @@ impl BtrfsVolumes {
         }
         Ok(())
     }
-
-    /// Entries of `dir` (names only); an absent `dir` has none.
-    async fn entries(dir: &Path) -> Result<Vec<String>, StorageError> {
-        let io_error = |source| StorageError::Io {
-            path: dir.to_owned(),
-            source,
-        };
-        let mut read_dir = match tokio::fs::read_dir(dir).await {
-            Ok(read_dir) => read_dir,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(error) => return Err(io_error(error)),
-        };
-        let mut names = Vec::new();
-        while let Some(entry) = read_dir.next_entry().await.map_err(io_error)? {
-            names.push(entry.file_name().to_string_lossy().into_owned());
-        }
-        names.sort();
-        Ok(names)
-    }
 }
 
 const VOLUMES: &str = "volumes";
@@ -231,8 +212,8 @@ impl VolumeBackend for BtrfsVolumes {
     async fn list(&self) -> Result<Vec<Volume>, StorageError> {
         let root = self.pool.join(VOLUMES);
         let mut volumes = Vec::new();
-        for namespace in Self::entries(&root).await? {
-            for name in Self::entries(&root.join(&namespace)).await? {
+        for namespace in super::subdirectories(&root).await? {
+            for name in super::subdirectories(&root.join(&namespace)).await? {
                 let Ok(volume) = VolumeName::new(&namespace, &name) else {
                     continue;
                 };
@@ -250,7 +231,7 @@ impl VolumeBackend for BtrfsVolumes {
         // finishes, never snapshots without their volume.
         let snapshot_dir = self.snapshot_dir(volume);
         let mut doomed = Vec::new();
-        for name in Self::entries(&snapshot_dir).await? {
+        for name in super::subdirectories(&snapshot_dir).await? {
             let path = snapshot_dir.join(name);
             if is_subvolume(&path).await? {
                 doomed.push(path);
@@ -293,7 +274,7 @@ impl VolumeBackend for BtrfsVolumes {
         self.require_volume(volume).await?;
         let dir = self.snapshot_dir(volume);
         let mut found = Vec::new();
-        for entry in Self::entries(&dir).await? {
+        for entry in super::subdirectories(&dir).await? {
             let Ok(name) = SnapshotName::new(&entry) else {
                 continue;
             };
@@ -398,13 +379,13 @@ impl VolumeBackend for BtrfsVolumes {
                 path: dir.clone(),
                 source,
             })?;
-        let before = Self::entries(&dir).await?;
+        let before = super::subdirectories(&dir).await?;
         let received = Invocation::new("btrfs")
             .args(["receive", "-e"])
             .arg(&dir)
             .feed(stream, &target, BrokenInput::KillReceiver)
             .await;
-        let after = Self::entries(&dir).await?;
+        let after = super::subdirectories(&dir).await?;
         let new: Vec<String> = after
             .into_iter()
             .filter(|entry| !before.contains(entry))

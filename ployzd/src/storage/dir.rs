@@ -57,25 +57,6 @@ fn unsupported(operation: &'static str) -> StorageError {
     }
 }
 
-async fn read_dir_names(dir: &Path) -> Result<Vec<String>, StorageError> {
-    let io_error = |source| StorageError::Io {
-        path: dir.to_owned(),
-        source,
-    };
-    let mut read_dir = match tokio::fs::read_dir(dir).await {
-        Ok(read_dir) => read_dir,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(error) => return Err(io_error(error)),
-    };
-    let mut names = Vec::new();
-    while let Some(entry) = read_dir.next_entry().await.map_err(io_error)? {
-        if entry.file_type().await.map_err(io_error)?.is_dir() {
-            names.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    Ok(names)
-}
-
 impl VolumeBackend for DirVolumes {
     fn kind(&self) -> &'static str {
         BACKEND
@@ -128,8 +109,8 @@ impl VolumeBackend for DirVolumes {
     async fn list(&self) -> Result<Vec<Volume>, StorageError> {
         let root = self.root.join("volumes");
         let mut volumes = Vec::new();
-        for namespace in read_dir_names(&root).await? {
-            for name in read_dir_names(&root.join(&namespace)).await? {
+        for namespace in super::subdirectories(&root).await? {
+            for name in super::subdirectories(&root.join(&namespace)).await? {
                 if let Ok(volume) = VolumeName::new(&namespace, &name) {
                     let path = self.volume_path(&volume);
                     volumes.push(Volume { name: volume, path });

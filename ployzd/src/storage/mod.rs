@@ -80,6 +80,28 @@ impl fmt::Display for SnapshotName {
     }
 }
 
+/// Names of the subdirectories of `dir` (subvolumes are directories), sorted;
+/// an absent `dir` has none.
+pub(crate) async fn subdirectories(dir: &std::path::Path) -> Result<Vec<String>, StorageError> {
+    let io_error = |source| StorageError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut read_dir = match tokio::fs::read_dir(dir).await {
+        Ok(read_dir) => read_dir,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(io_error(error)),
+    };
+    let mut names = Vec::new();
+    while let Some(entry) = read_dir.next_entry().await.map_err(io_error)? {
+        if entry.file_type().await.map_err(io_error)?.is_dir() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 fn is_label(part: &str) -> bool {
     (1..=63).contains(&part.len())
         && part.starts_with(|c: char| c.is_ascii_lowercase())
