@@ -5,6 +5,7 @@
 //! gateway or DNS what it serves ([`admin`]).
 
 pub mod admin;
+pub mod config;
 pub mod source;
 pub mod table;
 
