@@ -3,7 +3,7 @@
 //! typed, one-line error naming the file, key and line.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -52,6 +52,16 @@ pub struct DaemonArgs {
     /// The Docker engine's socket.
     #[arg(long, env = "PLOYZ_DOCKER_SOCKET", value_name = "PATH")]
     pub docker_socket: Option<PathBuf>,
+    /// The gateway's plain HTTP listeners, comma-separated (`none` for none).
+    #[arg(long, env = "PLOYZ_GATEWAY_HTTP", value_name = "ADDR,...")]
+    pub gateway_http: Option<String>,
+    /// The gateway's HTTPS listeners, comma-separated (`none` for none).
+    #[arg(long, env = "PLOYZ_GATEWAY_HTTPS", value_name = "ADDR,...")]
+    pub gateway_https: Option<String>,
+    /// The DNS listeners (UDP and TCP), comma-separated. Workload containers
+    /// use the first address that is not loopback.
+    #[arg(long, env = "PLOYZ_DNS_LISTEN", value_name = "ADDR,...")]
+    pub dns_listen: Option<String>,
 }
 
 /// The configuration file's shape. Unknown keys are errors.
@@ -68,6 +78,27 @@ struct FileConfig {
     #[serde(default)]
     operations: FileOperationsConfig,
     docker_socket: Option<PathBuf>,
+    #[serde(default)]
+    gateway: FileGatewayConfig,
+    #[serde(default)]
+    dns: FileDnsConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGatewayConfig {
+    binary: Option<PathBuf>,
+    http_listen: Option<Vec<SocketAddr>>,
+    https_listen: Option<Vec<SocketAddr>>,
+    tcp_listen_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDnsConfig {
+    binary: Option<PathBuf>,
+    listen: Option<Vec<SocketAddr>>,
+    upstreams: Option<Vec<SocketAddr>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +134,30 @@ pub struct DaemonConfig {
     /// How long a crashed operation's lease (and its namespace lock) lasts.
     pub operation_lease_ttl: Duration,
     pub docker_socket: PathBuf,
+    pub gateway: GatewayConfig,
+    pub dns: DnsConfig,
+}
+
+/// How the daemon runs the gateway sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Explicit binary; `None` means beside ployzd, then PATH.
+    pub binary: Option<PathBuf>,
+    pub http_listen: Vec<SocketAddr>,
+    pub https_listen: Vec<SocketAddr>,
+    /// Where TCP routes listen, at each route's port.
+    pub tcp_listen_ip: IpAddr,
+}
+
+/// How the daemon runs the DNS sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    pub binary: Option<PathBuf>,
+    /// `None`: loopback port 53 plus the Docker bridge's gateway address, port
+    /// 53, so that containers reach it.
+    pub listen: Option<Vec<SocketAddr>>,
+    /// Empty: the host's resolvers from /etc/resolv.conf.
+    pub upstreams: Vec<SocketAddr>,
 }
 
 /// Where volumes live.
@@ -194,7 +249,36 @@ impl DaemonConfig {
                 .clone()
                 .or(file.docker_socket)
                 .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+            gateway: GatewayConfig {
+                binary: file.gateway.binary,
+                http_listen: file
+                    .gateway
+                    .http_listen
+                    .unwrap_or_else(|| vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 80))]),
+                https_listen: file
+                    .gateway
+                    .https_listen
+                    .unwrap_or_else(|| vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 443))]),
+                tcp_listen_ip: file
+                    .gateway
+                    .tcp_listen_ip
+                    .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            },
+            dns: DnsConfig {
+                binary: file.dns.binary,
+                listen: file.dns.listen,
+                upstreams: file.dns.upstreams.unwrap_or_default(),
+            },
         };
+        if let Some(list) = &args.gateway_http {
+            config.gateway.http_listen = parse_listeners("gateway.http_listen", list)?;
+        }
+        if let Some(list) = &args.gateway_https {
+            config.gateway.https_listen = parse_listeners("gateway.https_listen", list)?;
+        }
+        if let Some(list) = &args.dns_listen {
+            config.dns.listen = Some(parse_listeners("dns.listen", list)?);
+        }
         config.storage.backend = match args
             .storage_backend
             .clone()
@@ -347,6 +431,24 @@ pub enum ConfigError {
 }
 
 /// Parses `500ms`, `30s`, `2m`; at least one second, at most one day.
+/// Parses `addr,addr,...`; `none` (or nothing) is the empty list.
+fn parse_listeners(key: &'static str, text: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let text = text.trim();
+    if text.is_empty() || text == "none" {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|part| {
+            part.trim()
+                .parse()
+                .map_err(|_| ConfigError::InvalidValue {
+                    key,
+                    message: format!("`{}` is not an address like 127.0.0.1:8080", part.trim()),
+                })
+        })
+        .collect()
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = crate::deploy::manifest::parse_duration(text)?;
     if duration < Duration::from_secs(1) || duration > Duration::from_secs(86_400) {
@@ -381,6 +483,27 @@ mod tests {
         assert_eq!(config.nats.port, 6000);
         assert_eq!(config.nats.monitor_port, Some(8222));
         assert_eq!(config.log, "debug");
+    }
+
+    #[test]
+    fn routing_listeners_come_from_the_file_and_flags() {
+        let (_dir, mut args) = args_with_config(
+            "[gateway]\nhttp_listen = [\"127.0.0.1:8080\"]\n[dns]\nlisten = [\"127.0.0.1:5353\"]\n",
+        );
+        let config = DaemonConfig::resolve(&args).expect("valid");
+        assert_eq!(config.gateway.http_listen, vec!["127.0.0.1:8080".parse().expect("addr")]);
+        assert_eq!(config.gateway.https_listen, vec!["0.0.0.0:443".parse().expect("addr")]);
+        assert_eq!(config.dns.listen, Some(vec!["127.0.0.1:5353".parse().expect("addr")]));
+        args.gateway_http = Some("127.0.0.1:1, [::1]:2".to_owned());
+        args.gateway_https = Some("none".to_owned());
+        let config = DaemonConfig::resolve(&args).expect("valid");
+        assert_eq!(config.gateway.http_listen.len(), 2);
+        assert!(config.gateway.https_listen.is_empty());
+        args.dns_listen = Some("localhost:53".to_owned());
+        assert!(matches!(
+            DaemonConfig::resolve(&args),
+            Err(ConfigError::InvalidValue { key: "dns.listen", .. })
+        ));
     }
 
     #[test]

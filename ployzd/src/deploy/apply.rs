@@ -301,6 +301,11 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
                         s.service.clone(),
                         ServiceRecord {
                             config_hash: s.config_hash.clone(),
+                            ports: manifest
+                                .services
+                                .get(&s.service)
+                                .map(|service| service.ports.clone())
+                                .unwrap_or_default(),
                             containers: containers.get(&s.service).cloned().unwrap_or_default(),
                         },
                     )
@@ -826,11 +831,6 @@ fn routes(
         .iter()
         .flat_map(|(name, service)| {
             service.routes.iter().map(move |route| RouteRecord {
-                service: name.clone(),
-                hosts: route.hosts.clone(),
-                paths: route.paths.clone(),
-                tcp: route.tcp,
-                port: route.port,
                 instances: containers
                     .get(name)
                     .into_iter()
@@ -841,6 +841,7 @@ fn routes(
                             .map(|address| format_socket(address, route.port))
                     })
                     .collect(),
+                ..super::plan::summary(name, route)
             })
         })
         .collect()

@@ -397,7 +397,7 @@ fn route_summaries(manifest: &Manifest) -> Vec<RouteRecord> {
 }
 
 /// A route as the plan shows it: what will be served, before any instance exists.
-fn summary(service: &str, route: &Route) -> RouteRecord {
+pub(super) fn summary(service: &str, route: &Route) -> RouteRecord {
     RouteRecord {
         service: service.to_owned(),
         hosts: route.hosts.clone(),
@@ -405,6 +405,10 @@ fn summary(service: &str, route: &Route) -> RouteRecord {
         tcp: route.tcp,
         port: route.port,
         instances: Vec::new(),
+        tls: route.tls.as_ref().map(|tls| ployz_routing::TlsFiles {
+            certificate: tls.certificate.clone(),
+            key: tls.key.clone(),
+        }),
     }
 }
 
@@ -478,6 +482,7 @@ mod tests {
                     name.clone(),
                     ServiceRecord {
                         config_hash: config_hash(&manifest.namespace, name, service),
+                        ports: service.ports.clone(),
                         containers: vec![ContainerRecord {
                             id: container_id.to_owned(),
                             name: container_id.to_owned(),

@@ -77,6 +77,9 @@ pub struct DeployRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRecord {
     pub config_hash: String,
+    /// The service's container ports, for DNS SRV answers.
+    #[serde(default)]
+    pub ports: Vec<u16>,
     pub containers: Vec<ContainerRecord>,
 }
 
@@ -103,16 +106,8 @@ pub struct VolumeRecord {
 }
 
 /// A route as committed: what the gateway and DNS serve for this namespace.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RouteRecord {
-    pub service: String,
-    pub hosts: Vec<String>,
-    pub paths: Vec<String>,
-    pub tcp: Option<u16>,
-    pub port: u16,
-    /// `ip:port` of every instance.
-    pub instances: Vec<String>,
-}
+/// The type belongs to the routing domain, which reads it back from the commit.
+pub use ployz_routing::RouteRecord;
 
 #[cfg(test)]
 mod tests {
@@ -129,5 +124,58 @@ mod tests {
         ] {
             assert_eq!(CommitId::parse(bad), None, "{bad}");
         }
+    }
+
+    /// The routing domain reads commits back with its own view of them; this
+    /// keeps the two in agreement.
+    #[test]
+    fn the_routing_domain_reads_a_commit() {
+        let manifest = Manifest::parse(
+            "namespace = \"shop\"\n[services.web]\nimage = \"x\"\nports = [8080]\n\
+             [[services.web.routes]]\nhosts = [\"shop.example.com\"]\nport = 8080\n\
+             tls = { certificate = \"/c.pem\", key = \"/k.pem\" }\n",
+        )
+        .expect("valid manifest");
+        let route = super::super::plan::summary("web", &manifest.services["web"].routes[0]);
+        let record = DeployRecord {
+            commit: CommitId::parse("shop/7").expect("valid"),
+            operation: "op".to_owned(),
+            created_at_unix_ms: 42,
+            machine: "m1".to_owned(),
+            reverts: None,
+            services: BTreeMap::from([(
+                "web".to_owned(),
+                ServiceRecord {
+                    config_hash: "h".to_owned(),
+                    ports: vec![8080],
+                    containers: vec![ContainerRecord {
+                        id: "c".to_owned(),
+                        name: "c".to_owned(),
+                        replica: 1,
+                        machine: "m1".to_owned(),
+                        addresses: vec!["172.17.0.9".to_owned()],
+                    }],
+                },
+            )]),
+            volumes: BTreeMap::new(),
+            routes: vec![RouteRecord {
+                instances: vec!["172.17.0.9:8080".to_owned()],
+                ..route
+            }],
+            manifest,
+        };
+        let bytes = serde_json::to_vec(&record).expect("serializes");
+        let view = ployz_routing::CommitView::decode(&bytes).expect("routing reads it");
+        let table = ployz_routing::NamespaceTable::project(&view);
+        assert_eq!(table.seq, 7);
+        assert_eq!(table.committed_at_unix_ms, 42);
+        assert_eq!(table.services["web"].ports, vec![8080]);
+        assert_eq!(table.services["web"].instances[0].replica, 1);
+        assert_eq!(table.http[0].hosts, vec!["shop.example.com"]);
+        assert_eq!(
+            table.http[0].tls.as_ref().map(|tls| tls.certificate.as_str()),
+            Some("/c.pem")
+        );
+        assert_eq!(table.http[0].upstreams, vec!["172.17.0.9:8080".parse().expect("addr")]);
     }
 }
