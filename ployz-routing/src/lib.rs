@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod process;
 pub mod source;
 pub mod table;
 

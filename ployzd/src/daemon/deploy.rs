@@ -182,7 +182,11 @@ impl Daemon {
             machine: cluster.identity.machine_id.clone(),
             runner: self.runner.clone(),
         })
-        .with_lease_ttl(self.config.operation_lease_ttl))
+        .with_lease_ttl(self.config.operation_lease_ttl)
+        .with_routing(std::sync::Arc::new(super::routing::AdminRouteServing::new(
+            self.config.clone(),
+        )))
+        .with_container_dns(super::routing::container_dns(&self.config)))
     }
 }
 

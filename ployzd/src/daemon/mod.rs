@@ -9,6 +9,7 @@ pub mod backends;
 pub mod config;
 mod deploy;
 mod operations;
+mod routing;
 mod server;
 
 use std::{

@@ -10,7 +10,7 @@
 //! says which step failed; a failed cleanup after it is reported, and the next
 //! deploy of the namespace removes what is left.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,7 @@ use super::{
     record::{
         ContainerRecord, DeployRecord, RouteRecord, ServiceRecord, VolumeRecord, history_prefix,
     },
+    traffic::{self, NoRouting, RouteServing, Served},
 };
 use crate::{
     coordination::{JournalError, OperationRun, StepStatus},
@@ -52,6 +53,9 @@ pub struct Deployer<S, R, V> {
     machine: String,
     runner: String,
     lease_ttl: Duration,
+    routing: Arc<dyn RouteServing>,
+    /// The DNS servers containers use; empty keeps the engine's default.
+    container_dns: Vec<std::net::IpAddr>,
 }
 
 /// Everything a deploy needs, handed in by the composition root.
@@ -131,7 +135,23 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             machine: deps.machine,
             runner: deps.runner,
             lease_ttl: NAMESPACE_LEASE_TTL,
+            routing: Arc::new(NoRouting),
+            container_dns: Vec::new(),
         }
+    }
+
+    /// Points containers at this machine's DNS, searching their namespace's
+    /// zone so a bare service name resolves.
+    pub fn with_container_dns(mut self, servers: Vec<std::net::IpAddr>) -> Self {
+        self.container_dns = servers;
+        self
+    }
+
+    /// Makes cleanup wait for `routing` to serve each commit before the
+    /// replaced instances stop.
+    pub fn with_routing(mut self, routing: Arc<dyn RouteServing>) -> Self {
+        self.routing = routing;
+        self
     }
 
     /// Overrides how long a crashed deploy keeps its namespace locked.
@@ -673,7 +693,12 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             memory_bytes: service.resources.memory_bytes(),
             cpu_millis: service.resources.cpu_millis(),
             stop_grace: service.stop_grace_period,
-            dns: Vec::new(),
+            dns: self.container_dns.clone(),
+            dns_search: if self.container_dns.is_empty() {
+                Vec::new()
+            } else {
+                vec![format!("{}.{}", manifest.namespace, ployz_routing::ZONE)]
+            },
         })
     }
 
@@ -770,6 +795,10 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         doomed.sort();
         doomed.dedup_by(|a, b| a.0 == b.0);
 
+        if !doomed.is_empty() {
+            self.switch_traffic(run, &record.commit).await?;
+        }
+
         let mut failures = Vec::new();
         for (id, grace) in &doomed {
             let id = ContainerId(id.clone());
@@ -806,6 +835,34 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         };
         run.step("cleanup", status, detail).await?;
         Ok(failures)
+    }
+}
+
+impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
+    /// Waits for the routing processes to serve `commit`, so that no request
+    /// reaches an instance cleanup is about to stop. Not confirming in time is
+    /// reported and cleanup goes on: the commit stands either way.
+    async fn switch_traffic(
+        &self,
+        run: &mut OperationRun<S>,
+        commit: &super::record::CommitId,
+    ) -> Result<(), DeployError> {
+        let (status, detail) = match self.routing.wait_served(commit, traffic::SERVE_WAIT).await {
+            Served::Confirmed { by } => {
+                tokio::time::sleep(traffic::DRAIN).await;
+                (StepStatus::Done, format!("{} serve {commit}", by.join(" and ")))
+            }
+            Served::NoRouting => (
+                StepStatus::Skipped,
+                "no routing process on this machine".to_owned(),
+            ),
+            Served::Unconfirmed { detail } => (
+                StepStatus::Failed,
+                format!("{commit} not confirmed served: {detail}; replaced instances stop anyway"),
+            ),
+        };
+        run.step("traffic", status, detail).await?;
+        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@ pub mod health;
 pub mod manifest;
 pub mod plan;
 pub mod record;
+pub mod traffic;
 
 pub use apply::{DeployError, DeployOutcome, Deployer, DeployerDeps};
 pub use manifest::{Manifest, ManifestError};

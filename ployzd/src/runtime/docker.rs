@@ -348,6 +348,7 @@ fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeError
             memory,
             nano_cpus,
             dns: Some(spec.dns.iter().map(IpAddr::to_string).collect()),
+            dns_search: Some(spec.dns_search.clone()),
             network_mode: Some("bridge".to_owned()),
             ..Default::default()
         }),
@@ -547,6 +548,7 @@ mod tests {
             cpu_millis: Some(500),
             stop_grace: Duration::from_millis(1500),
             dns: vec!["10.0.0.53".parse().expect("an IP address")],
+            dns_search: vec!["shop.ployz.internal".to_owned()],
             ..Default::default()
         };
         let body = create_body(&spec).expect("a valid spec");

@@ -60,8 +60,10 @@ pub struct ContainerSpec {
     pub cpu_millis: Option<u64>,
     /// How long `stop` waits after SIGTERM before SIGKILL.
     pub stop_grace: Duration,
-    /// DNS servers for the container (the routing domain's DNS, later).
+    /// DNS servers for the container: this machine's ployz-dns.
     pub dns: Vec<IpAddr>,
+    /// Search domains, so `<service>` resolves within the namespace.
+    pub dns_search: Vec<String>,
 }
 
 /// A host directory bind-mounted into the container.
