@@ -31,6 +31,25 @@ pub fn check_network_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a namespace as `routes ls` and `deploy` take it: 1–63 characters of
+/// `[a-z0-9-]` (it becomes a DNS label and a store key segment).
+pub fn check_namespace(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!(
+            "invalid namespace `{name}`: it must be 1 to 63 characters long"
+        ));
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        Some(bad) => Err(format!(
+            "invalid namespace `{name}`: character `{bad}` is not allowed (use a-z, 0-9 and -)"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks an operation id: 1–64 characters of `[A-Za-z0-9_-]` (a UUID fits).
 pub fn check_operation_id(id: &str) -> Result<(), String> {
     let valid = (1..=64).contains(&id.len())

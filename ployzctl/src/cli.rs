@@ -69,6 +69,12 @@ pub enum Command {
     /// Operations recorded by the cluster: what was asked, each step, the result.
     #[command(subcommand)]
     Op(OpCommand),
+    /// What the gateway and DNS on this machine serve, as they report it themselves.
+    ///
+    ///   ployzctl routes ls             every namespace
+    ///   ployzctl routes ls shop        one namespace
+    #[command(subcommand, verbatim_doc_comment)]
+    Routes(RoutesCommand),
     /// Print a shell completion script, e.g. `ployzctl completions bash > /etc/bash_completion.d/ployzctl`.
     Completions {
         #[arg(value_enum)]
@@ -181,6 +187,16 @@ pub struct OperationArgs {
 pub enum MachineCommand {
     /// List member machines: membership as recorded, reachability as observed now.
     Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoutesCommand {
+    /// List served routes and DNS names: which commit each process serves, how
+    /// fresh it is, and whether it follows the store or serves its last good table.
+    Ls {
+        /// Only this namespace.
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

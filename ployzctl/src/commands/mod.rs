@@ -7,6 +7,7 @@ mod docs;
 mod machine;
 mod mesh;
 mod op;
+mod routes;
 mod status;
 
 use std::{path::PathBuf, time::Duration};
@@ -56,6 +57,7 @@ pub async fn run(cli: Cli, output: &Output) -> Result<(), ApiError> {
         Command::Machine(command) => machine::run(&context, command).await,
         Command::Deploy(args) => deploy::run(&context, args).await,
         Command::Op(command) => op::run(&context, command).await,
+        Command::Routes(command) => routes::run(&context, command).await,
         Command::Completions { shell } => docs::completions(shell),
         Command::Man { out_dir } => docs::man(&context, &out_dir),
     }

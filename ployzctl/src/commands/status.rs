@@ -88,6 +88,12 @@ fn render(status: &v1::StatusResponse) -> String {
             let _ = writeln!(text, "{name:<9} {state}: {}", subsystem.detail);
         }
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+    for process in &status.routing {
+        let _ = writeln!(text, "{}", super::routes::summary(process, now));
+    }
     if let Some(ebpf) = &status.ebpf {
         let state = if ebpf.available {
             "available"

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use ployz_api::{ApiError, v1};
+use ployz_api::{ApiError, ErrorClass, v1};
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -143,6 +143,12 @@ impl v1::ployz_server::Ployz for ApiService {
                 detail: reason.clone(),
             },
         };
+        let routing = daemon
+            .routing_processes()
+            .await
+            .into_iter()
+            .map(|(component, answer)| routing_process(component, answer, None))
+            .collect();
         reply(Ok(v1::StatusResponse {
             daemon: Some(v1::DaemonStatus {
                 version: VERSION.to_owned(),
@@ -177,6 +183,9 @@ impl v1::ployz_server::Ployz for ApiService {
             }),
             runtime: Some(runtime),
             storage: Some(storage),
+            gateway: None,
+            dns: None,
+            routing,
         }))
     }
 
@@ -323,6 +332,26 @@ impl v1::ployz_server::Ployz for ApiService {
         reply(exported.map(|(commit, manifest)| v1::DeployExportResponse {
             commit: commit.to_string(),
             manifest_toml: manifest.to_toml(),
+        }))
+    }
+
+    async fn list_routes(
+        &self,
+        request: Request<v1::ListRoutesRequest>,
+    ) -> ApiResult<v1::ListRoutesResponse> {
+        let namespace = request.into_inner().namespace;
+        let filter = (!namespace.is_empty()).then_some(namespace.as_str());
+        if let Some(namespace) = filter {
+            ployz_api::names::check_namespace(namespace).map_err(|message| {
+                ApiError::new(ErrorClass::Usage, "invalid_namespace", message).into_status()
+            })?;
+        }
+        let processes = self.daemon.routing_processes().await;
+        reply(Ok(v1::ListRoutesResponse {
+            processes: processes
+                .into_iter()
+                .map(|(component, answer)| routing_process(component, answer, filter))
+                .collect(),
         }))
     }
 
@@ -473,5 +502,53 @@ fn route(route: &RouteRecord) -> v1::Route {
         tcp: route.tcp.map(u32::from).unwrap_or(0),
         port: u32::from(route.port),
         instances: route.instances.clone(),
+    }
+}
+
+/// A routing process's own report, as the API shows it.
+fn routing_process(
+    component: super::routing::Component,
+    answer: Result<ployz_routing::admin::AdminStatus, String>,
+    namespace: Option<&str>,
+) -> v1::RoutingProcess {
+    match answer {
+        Ok(status) => v1::RoutingProcess {
+            component: component.name().to_owned(),
+            reachable: true,
+            error: String::new(),
+            pid: status.pid,
+            origin: status.origin.as_str().to_owned(),
+            loaded_at_unix_ms: status.loaded_at_unix_ms,
+            in_sync: status.follower.in_sync,
+            last_sync_unix_ms: status.follower.last_sync_unix_ms.unwrap_or(0),
+            store_error: status.follower.last_error.unwrap_or_default(),
+            listeners: status.listeners,
+            namespaces: status
+                .namespaces
+                .into_iter()
+                .filter(|ns| namespace.is_none_or(|wanted| ns.namespace == wanted))
+                .map(|ns| v1::ServedNamespace {
+                    commit: format!("{}/{}", ns.namespace, ns.seq),
+                    namespace: ns.namespace,
+                    committed_at_unix_ms: ns.committed_at_unix_ms,
+                    routes: ns
+                        .routes
+                        .into_iter()
+                        .map(|route| v1::ServedRoute {
+                            kind: route.kind,
+                            service: route.service,
+                            matches: route.matches,
+                            targets: route.targets,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        },
+        Err(error) => v1::RoutingProcess {
+            component: component.name().to_owned(),
+            reachable: false,
+            error,
+            ..v1::RoutingProcess::default()
+        },
     }
 }

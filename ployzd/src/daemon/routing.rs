@@ -202,3 +202,14 @@ impl RouteServing for AdminRouteServing {
         Box::pin(self.wait(commit, within))
     }
 }
+
+impl super::Daemon {
+    /// Each routing process's own report, asked now, concurrently.
+    pub async fn routing_processes(&self) -> Vec<(Component, Result<AdminStatus, String>)> {
+        let (gateway, dns) = tokio::join!(
+            query(&self.config, Component::Gateway),
+            query(&self.config, Component::Dns)
+        );
+        vec![(Component::Gateway, gateway), (Component::Dns, dns)]
+    }
+}
