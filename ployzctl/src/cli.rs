@@ -132,6 +132,15 @@ pub struct DaemonLaunchArgs {
     /// How long a crashed operation keeps its lease, e.g. 30s.
     #[arg(long, value_name = "DURATION")]
     pub operation_lease_ttl: Option<String>,
+    /// The gateway's HTTP listeners, comma-separated, or `none` [default: 0.0.0.0:80].
+    #[arg(long, value_name = "ADDR,...")]
+    pub gateway_http: Option<String>,
+    /// The gateway's HTTPS listeners, comma-separated, or `none` [default: 0.0.0.0:443].
+    #[arg(long, value_name = "ADDR,...")]
+    pub gateway_https: Option<String>,
+    /// DNS listeners, comma-separated [default: 127.0.0.1:53 and the Docker bridge address, port 53].
+    #[arg(long, value_name = "ADDR,...")]
+    pub dns_listen: Option<String>,
     /// The ployzd binary [default: beside ployzctl, then PATH].
     #[arg(long, env = "PLOYZD_BIN", value_name = "PATH")]
     pub ployzd_bin: Option<PathBuf>,

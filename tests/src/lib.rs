@@ -95,6 +95,12 @@ impl Run {
 pub struct Node {
     dir: TempDir,
     pub nats_port: u16,
+    /// The gateway's plain HTTP port on 127.0.0.1.
+    pub http_port: u16,
+    /// The gateway's HTTPS port on 127.0.0.1.
+    pub https_port: u16,
+    /// DNS (UDP and TCP) on 127.0.0.1.
+    pub dns_port: u16,
 }
 
 impl Node {
@@ -106,6 +112,9 @@ impl Node {
         Self {
             dir,
             nats_port: free_port(),
+            http_port: free_port(),
+            https_port: free_port(),
+            dns_port: free_port(),
         }
     }
 
@@ -158,6 +167,9 @@ impl Node {
     pub fn start_daemon_with(&self, extra: &[&str]) -> u32 {
         let data_dir = self.data_dir().display().to_string();
         let port = self.nats_port.to_string();
+        let http = format!("127.0.0.1:{}", self.http_port);
+        let https = format!("127.0.0.1:{}", self.https_port);
+        let dns = format!("127.0.0.1:{}", self.dns_port);
         let mut args = vec![
             "daemon",
             "install",
@@ -169,6 +181,12 @@ impl Node {
             &data_dir,
             "--nats-port",
             &port,
+            "--gateway-http",
+            &http,
+            "--gateway-https",
+            &https,
+            "--dns-listen",
+            &dns,
         ];
         args.extend_from_slice(extra);
         let value = self.ployzctl_json(&args);

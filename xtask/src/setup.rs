@@ -10,8 +10,8 @@ use crate::{run as run_command, step};
 
 /// Debian packages: storage, networking and SSH for the primitives (the
 /// multi-host test harness runs sshd, ssh and iptables per test host); clang and
-/// LLVM 22 for the eBPF programs and bpf-linker; ping and busybox-static (the
-/// workload image) for the tests.
+/// LLVM 22 for the eBPF programs and bpf-linker; ping, busybox-static (the
+/// workload image), dig and curl for the tests.
 const APT_PACKAGES: &[&str] = &[
     "btrfs-progs",
     "zfs-fuse",
@@ -24,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
     "iperf3",
+    "dnsutils",
+    "curl",
     "clang",
     "llvm-22-dev",
     "libpolly-22-dev",

@@ -350,6 +350,15 @@ fn daemon_args(socket: &Path, launch: &DaemonLaunchArgs) -> Vec<std::ffi::OsStri
     if let Some(ttl) = &launch.operation_lease_ttl {
         args.extend(["--operation-lease-ttl".into(), ttl.into()]);
     }
+    for (flag, value) in [
+        ("--gateway-http", &launch.gateway_http),
+        ("--gateway-https", &launch.gateway_https),
+        ("--dns-listen", &launch.dns_listen),
+    ] {
+        if let Some(value) = value {
+            args.extend([flag.into(), value.into()]);
+        }
+    }
     args
 }
 
