@@ -305,6 +305,20 @@ pub fn wait_until(
     Ok(())
 }
 
+/// Runs `docker ARGS`, panicking with its stderr when it fails; returns stdout.
+pub fn docker(args: &[&str]) -> String {
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker");
+    assert!(
+        output.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Writes `text` to `name` inside `dir` and returns the path.
 pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     let path = dir.join(name);

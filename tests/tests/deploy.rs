@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use ployz_tests::{Node, image::ensure_example_image, kill, process_alive, wait_until, write_file};
+use ployz_tests::{
+    Node, docker, image::ensure_example_image, kill, process_alive, wait_until, write_file,
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -118,19 +120,6 @@ impl Drop for DeployNode {
         let pool = self.pool();
         let _ = Command::new("umount").arg("-l").arg(&pool).output();
     }
-}
-
-fn docker(args: &[&str]) -> String {
-    let output = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("run docker");
-    assert!(
-        output.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn exec(container: &str, script: &str) {
