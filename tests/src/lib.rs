@@ -234,14 +234,10 @@ impl Drop for Node {
             .arg(self.socket())
             .args(["daemon", "stop", "--services"])
             .output();
-        // Then make sure: nothing this node started survives it.
-        for pid in [self.daemon_pid(), self.recorded_nats_pid()]
-            .into_iter()
-            .flatten()
-        {
-            if process_alive(pid) && owned_by(pid, self.dir.path()) {
-                kill(pid, libc::SIGKILL);
-            }
+        // Then make sure: nothing this node started survives it (ployzd and
+        // every sidecar carry the node's directory on their command line).
+        for pid in processes_under(self.dir.path()) {
+            kill(pid, libc::SIGKILL);
         }
     }
 }
@@ -278,6 +274,17 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 }
 
 /// True when the command line of `pid` mentions `dir` (so it belongs to this node).
+/// Processes whose command line mentions `dir`.
+pub fn processes_under(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id() && owned_by(*pid, dir))
+        .collect()
+}
+
 fn owned_by(pid: u32, dir: &Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()))

@@ -795,9 +795,9 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         doomed.sort();
         doomed.dedup_by(|a, b| a.0 == b.0);
 
-        if !doomed.is_empty() {
-            self.switch_traffic(run, &record.commit).await?;
-        }
+        // Even a first deploy waits, so that when it returns its routes answer.
+        self.switch_traffic(run, &record.commit, !doomed.is_empty())
+            .await?;
 
         let mut failures = Vec::new();
         for (id, grace) in &doomed {
@@ -840,16 +840,20 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
 
 impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
     /// Waits for the routing processes to serve `commit`, so that no request
-    /// reaches an instance cleanup is about to stop. Not confirming in time is
+    /// reaches an instance cleanup is about to stop (`drain`: give requests
+    /// already sent to those instances a moment). Not confirming in time is
     /// reported and cleanup goes on: the commit stands either way.
     async fn switch_traffic(
         &self,
         run: &mut OperationRun<S>,
         commit: &super::record::CommitId,
+        drain: bool,
     ) -> Result<(), DeployError> {
         let (status, detail) = match self.routing.wait_served(commit, traffic::SERVE_WAIT).await {
             Served::Confirmed { by } => {
-                tokio::time::sleep(traffic::DRAIN).await;
+                if drain {
+                    tokio::time::sleep(traffic::DRAIN).await;
+                }
                 (StepStatus::Done, format!("{} serve {commit}", by.join(" and ")))
             }
             Served::NoRouting => (
