@@ -278,3 +278,105 @@ async fn volumes_on_the_dir_backend_deploy_without_deploy_points_and_refuse_rest
         "{error}"
     );
 }
+
+/// Routing that records, when asked, which containers were running.
+struct WatchingRouting {
+    runtime: MemoryRuntime,
+    answer: ployzd::deploy::traffic::Served,
+    running_when_asked: std::sync::Mutex<Vec<(String, usize)>>,
+}
+
+impl ployzd::deploy::traffic::RouteServing for WatchingRouting {
+    fn wait_served<'a>(
+        &'a self,
+        commit: &'a ployzd::deploy::CommitId,
+        _within: Duration,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = ployzd::deploy::traffic::Served> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let filter = [(labels::NAMESPACE.to_owned(), commit.namespace.clone())].into();
+            let running = self
+                .runtime
+                .list(&filter)
+                .await
+                .expect("list")
+                .into_iter()
+                .filter(|c| c.state == ContainerState::Running)
+                .count();
+            self.running_when_asked
+                .lock()
+                .expect("not poisoned")
+                .push((commit.to_string(), running));
+            self.answer.clone()
+        })
+    }
+}
+
+async fn deploy_with_routing(
+    answer: ployzd::deploy::traffic::Served,
+) -> (World, std::sync::Arc<WatchingRouting>) {
+    let mut world = World::new();
+    let routing = std::sync::Arc::new(WatchingRouting {
+        runtime: world.runtime.clone(),
+        answer,
+        running_when_asked: Default::default(),
+    });
+    world.deployer = world.deployer.clone().with_routing(routing.clone());
+    world
+        .deploy("op-1", &manifest("app:v1", ""))
+        .await
+        .expect("v1");
+    world
+        .deploy("op-2", &manifest("app:v2", ""))
+        .await
+        .expect("v2 commits whatever routing says");
+    (world, routing)
+}
+
+async fn traffic_step(world: &World, id: &str) -> (String, String) {
+    let (_, steps) = world
+        .journal
+        .show(&OperationId::parse(id).expect("valid id"))
+        .await
+        .expect("recorded");
+    let step = steps
+        .iter()
+        .rev()
+        .find(|step| step.step == "traffic")
+        .expect("a traffic step");
+    (step.status.as_str().to_owned(), step.detail.clone())
+}
+
+#[tokio::test]
+async fn replaced_instances_keep_running_until_routing_serves_the_new_commit() {
+    let (world, routing) = deploy_with_routing(ployzd::deploy::traffic::Served::Confirmed {
+        by: vec!["gateway".to_owned(), "dns".to_owned()],
+    })
+    .await;
+    assert_eq!(
+        *routing.running_when_asked.lock().expect("not poisoned"),
+        vec![("shop/1".to_owned(), 2), ("shop/2".to_owned(), 4)],
+        "v1's two instances still ran beside v2's when the flip was confirmed"
+    );
+    assert_eq!(world.running("shop").await.len(), 2, "then v1 was removed");
+    let (status, detail) = traffic_step(&world, "op-2").await;
+    assert_eq!(status, "done");
+    assert_eq!(detail, "gateway and dns serve shop/2");
+}
+
+#[tokio::test]
+async fn an_unconfirmed_flip_is_reported_and_the_commit_stands() {
+    let (world, _routing) = deploy_with_routing(ployzd::deploy::traffic::Served::Unconfirmed {
+        detail: "gateway: not answering".to_owned(),
+    })
+    .await;
+    assert_eq!(
+        world.deployer.history("shop").await.expect("history").len(),
+        2
+    );
+    assert_eq!(world.running("shop").await.len(), 2);
+    let (status, detail) = traffic_step(&world, "op-2").await;
+    assert_eq!(status, "failed");
+    assert!(detail.contains("gateway: not answering"), "{detail}");
+}
