@@ -13,7 +13,6 @@ pub mod table;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-
 pub use table::{
     CommitView, HttpRoute, Instance, NamespaceTable, RouteRecord, RoutingTable, ServiceEntry,
     TcpRoute, TlsFiles, ZONE,
@@ -60,7 +59,9 @@ pub type SnapshotReceiver = tokio::sync::watch::Receiver<Arc<Snapshot>>;
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 /// An error and its sources, joined with `: `, for one-line logs.

@@ -114,8 +114,11 @@ impl RoutingProcess {
                 stats,
             }
         };
-        self.tasks
-            .spawn(admin::serve(listener, Arc::new(status), self.shutdown.clone()));
+        self.tasks.spawn(admin::serve(
+            listener,
+            Arc::new(status),
+            self.shutdown.clone(),
+        ));
         Ok(())
     }
 

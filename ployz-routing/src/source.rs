@@ -74,10 +74,15 @@ pub fn load_last_good(state_dir: &Path) -> Result<Option<RoutingTable>, SourceEr
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(SourceError::Read { path, source }),
     };
-    let saved: LastGood = serde_json::from_slice(&bytes)
-        .map_err(|source| SourceError::Decode { path: path.clone(), source })?;
+    let saved: LastGood = serde_json::from_slice(&bytes).map_err(|source| SourceError::Decode {
+        path: path.clone(),
+        source,
+    })?;
     if saved.version != FORMAT_VERSION {
-        return Err(SourceError::Version { path, found: saved.version });
+        return Err(SourceError::Version {
+            path,
+            found: saved.version,
+        });
     }
     Ok(Some(saved.table))
 }
@@ -318,7 +323,10 @@ mod tests {
             },
         );
         save_last_good(dir.path(), &table).expect("saved");
-        assert_eq!(load_last_good(dir.path()).expect("read"), Some(table.clone()));
+        assert_eq!(
+            load_last_good(dir.path()).expect("read"),
+            Some(table.clone())
+        );
         let snapshot = initial_snapshot(dir.path());
         assert_eq!(snapshot.origin, Origin::LastGood);
         assert_eq!(snapshot.table, table);

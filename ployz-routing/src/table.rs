@@ -196,7 +196,11 @@ impl NamespaceTable {
                 };
                 http.push(HttpRoute {
                     service: route.service.clone(),
-                    hosts: route.hosts.iter().map(|host| normalize_host(host)).collect(),
+                    hosts: route
+                        .hosts
+                        .iter()
+                        .map(|host| normalize_host(host))
+                        .collect(),
                     paths,
                     tls: route.tls.clone(),
                     upstreams: upstreams(route),
@@ -293,14 +297,23 @@ mod tests {
         assert_eq!(web.ports, vec![8080]);
         assert_eq!(
             web.instances[0].addresses,
-            vec!["172.17.0.2".parse::<IpAddr>().expect("ip"), "fd00::2".parse().expect("ip")]
+            vec![
+                "172.17.0.2".parse::<IpAddr>().expect("ip"),
+                "fd00::2".parse().expect("ip")
+            ]
         );
         assert_eq!(table.http.len(), 1);
         assert_eq!(table.http[0].hosts, vec!["shop.example.com"]);
         assert_eq!(table.http[0].paths, vec!["/"]);
-        assert_eq!(table.http[0].upstreams, vec!["172.17.0.2:8080".parse().expect("addr")]);
+        assert_eq!(
+            table.http[0].upstreams,
+            vec!["172.17.0.2:8080".parse().expect("addr")]
+        );
         assert_eq!(table.tcp[0].listen_port, 15432);
-        assert_eq!(table.tcp[0].upstreams, vec!["[fd00::3]:5432".parse().expect("addr")]);
+        assert_eq!(
+            table.tcp[0].upstreams,
+            vec!["[fd00::3]:5432".parse().expect("addr")]
+        );
     }
 
     #[test]
@@ -315,7 +328,10 @@ mod tests {
 
     #[test]
     fn commit_keys_parse() {
-        assert_eq!(parse_commit_key("deploys.shop.0000000012"), Some(("shop", 12)));
+        assert_eq!(
+            parse_commit_key("deploys.shop.0000000012"),
+            Some(("shop", 12))
+        );
         assert_eq!(parse_commit_key("deploys.shop"), None);
         assert_eq!(parse_commit_key("deploys..1"), None);
         assert_eq!(parse_commit_key("ops.x.1"), None);
