@@ -121,8 +121,18 @@ impl DevPaths {
 }
 
 fn up(root: &Path) -> Result<()> {
-    step("building ployzd and ployzctl");
-    run(cargo(root).args(["build", "--package", "ployzd", "--package", "ployzctl"]))?;
+    step("building ployzd, ployzctl, the gateway and DNS");
+    run(cargo(root).args([
+        "build",
+        "--package",
+        "ployzd",
+        "--package",
+        "ployzctl",
+        "--package",
+        "ployz-gateway",
+        "--package",
+        "ployz-dns",
+    ]))?;
     let paths = DevPaths::new(root);
     let ployzctl = root.join("target/debug/ployzctl");
     let socket = paths.socket.display().to_string();
@@ -147,6 +157,13 @@ fn up(root: &Path) -> Result<()> {
         "user",
         "--data-dir",
         &data_dir,
+        // Dev ports, so a host's own web server and resolver keep 80 and 53.
+        "--gateway-http",
+        DEV_HTTP,
+        "--gateway-https",
+        DEV_HTTPS,
+        "--dns-listen",
+        DEV_DNS,
     ]);
     // Snapshots (rollback with volume data) need btrfs; a loop-file pool needs root.
     // SAFETY: geteuid has no preconditions.
@@ -167,16 +184,12 @@ fn up(root: &Path) -> Result<()> {
             String::from_utf8_lossy(&deployed.stderr).trim()
         );
     }
-    let deployed: serde_json::Value = serde_json::from_slice(&deployed.stdout)?;
-    let address = deployed["commit"]["routes"][0]["instances"][0]
-        .as_str()
-        .unwrap_or("")
-        .to_owned();
     step("status");
     run(ctl().arg("status"))?;
     println!(
         "\nA single-machine Ployz cluster is running and serves the example app:\n  \
-         curl http://{address}/\n\
+         curl -H 'Host: hello.localhost' http://{DEV_HTTP}/\n  \
+         dig @127.0.0.1 -p {DEV_DNS_PORT} web.hello.ployz.internal\n\
          Talk to it with:\n  \
          export PLOYZ_SOCKET={socket}\n  \
          target/debug/ployzctl deploy history hello\n  \
@@ -185,6 +198,12 @@ fn up(root: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+/// Where `cargo xtask up` runs the gateway and DNS.
+const DEV_HTTP: &str = "127.0.0.1:8080";
+const DEV_HTTPS: &str = "127.0.0.1:8443";
+const DEV_DNS: &str = "127.0.0.1:5353";
+const DEV_DNS_PORT: u16 = 5353;
 
 /// The image examples/hello.toml runs.
 const EXAMPLE_IMAGE: &str = "ployz-example:latest";
