@@ -236,6 +236,8 @@ fn deploy_error(error: DeployError) -> ApiError {
                 PlanError::ImageMissing { .. } => "image_missing",
                 PlanError::SnapshotsUnsupported { .. } => "snapshots_unsupported",
                 PlanError::RestoreSnapshotMissing { .. } => "restore_snapshot_missing",
+                PlanError::RouteTaken { .. } => "route_taken",
+                PlanError::TlsFileUnreadable { .. } => "tls_file_unreadable",
             },
         ),
         DeployError::Locked { .. } => (ErrorClass::Conflict, "namespace_locked"),

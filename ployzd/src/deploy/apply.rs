@@ -439,6 +439,8 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             }
         }
         Ok(Observation {
+            other_routes: self.other_routes(&manifest.namespace).await?,
+            tls_files: tls_files(manifest),
             machine: self.machine.clone(),
             head,
             containers,
@@ -447,6 +449,36 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             storage: capabilities,
             storage_kind: self.volumes.kind(),
         })
+    }
+
+    /// The routes other namespaces serve: those of each one's latest commit.
+    async fn other_routes(
+        &self,
+        namespace: &str,
+    ) -> Result<Vec<(String, RouteRecord)>, DeployError> {
+        let prefix = crate::store::KeyPrefix::new("deploys").expect("a valid prefix");
+        let records = self.store.list(&prefix).await?;
+        // Keys sort by namespace then zero-padded sequence: the last record
+        // of each namespace is its latest commit.
+        let mut latest: BTreeMap<String, &crate::store::Record> = BTreeMap::new();
+        for record in &records {
+            if let Some((other, _)) = ployz_routing::table::parse_commit_key(record.key.as_str())
+                && other != namespace
+            {
+                latest.insert(other.to_owned(), record);
+            }
+        }
+        let mut routes = Vec::new();
+        for (other, record) in latest {
+            let commit: DeployRecord = record.decode()?;
+            routes.extend(
+                commit
+                    .routes
+                    .into_iter()
+                    .map(|route| (other.clone(), route)),
+            );
+        }
+        Ok(routes)
     }
 
     /// Clears what an interrupted deploy at the next commit left behind (this
@@ -854,7 +886,10 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
                 if drain {
                     tokio::time::sleep(traffic::DRAIN).await;
                 }
-                (StepStatus::Done, format!("{} serve {commit}", by.join(" and ")))
+                (
+                    StepStatus::Done,
+                    format!("{} serve {commit}", by.join(" and ")),
+                )
             }
             Served::NoRouting => (
                 StepStatus::Skipped,
@@ -904,6 +939,25 @@ fn routes(
                     .collect(),
                 ..super::plan::summary(name, route)
             })
+        })
+        .collect()
+}
+
+/// Whether each TLS file the manifest names can be read here, as PEM.
+fn tls_files(manifest: &Manifest) -> BTreeMap<String, Option<String>> {
+    manifest
+        .services
+        .values()
+        .flat_map(|service| service.routes.iter())
+        .filter_map(|route| route.tls.as_ref())
+        .flat_map(|tls| [tls.certificate.clone(), tls.key.clone()])
+        .map(|path| {
+            let problem = match std::fs::read(&path) {
+                Ok(bytes) if bytes.windows(11).any(|w| w == b"-----BEGIN ") => None,
+                Ok(_) => Some("not a PEM file".to_owned()),
+                Err(error) => Some(error.to_string()),
+            };
+            (path, problem)
         })
         .collect()
 }

@@ -33,6 +33,10 @@ pub struct Observation {
     pub volumes: BTreeMap<String, VolumeObservation>,
     pub storage: Capabilities,
     pub storage_kind: &'static str,
+    /// Routes other namespaces' latest commits serve, with their namespace.
+    pub other_routes: Vec<(String, RouteRecord)>,
+    /// Each TLS file the manifest names: `None` when readable, else why not.
+    pub tls_files: BTreeMap<String, Option<String>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -157,6 +161,73 @@ pub enum PlanError {
     },
     #[error("volume `{volume}` has no snapshot `{snapshot}` to restore")]
     RestoreSnapshotMissing { volume: String, snapshot: String },
+    #[error("service `{service}` routes {route}, which namespace `{namespace}` already serves")]
+    RouteTaken {
+        service: String,
+        route: String,
+        namespace: String,
+    },
+    #[error("service `{service}` names TLS file `{path}`, which cannot be used here: {reason}")]
+    TlsFileUnreadable {
+        service: String,
+        path: String,
+        reason: String,
+    },
+}
+
+/// Routes must not take what another namespace serves (the same host and
+/// path, or the same TCP port), and TLS files must be usable on this machine.
+fn check_routes(manifest: &Manifest, observed: &Observation) -> Result<(), PlanError> {
+    for (name, service) in &manifest.services {
+        for route in &service.routes {
+            let taken = |route_text: String, namespace: &str| PlanError::RouteTaken {
+                service: name.clone(),
+                route: route_text,
+                namespace: namespace.to_owned(),
+            };
+            for (namespace, other) in &observed.other_routes {
+                if let (Some(port), Some(other_port)) = (route.tcp, other.tcp)
+                    && port == other_port
+                {
+                    return Err(taken(format!("TCP port {port}"), namespace));
+                }
+                let paths = |paths: &[String]| -> Vec<String> {
+                    if paths.is_empty() {
+                        vec!["/".to_owned()]
+                    } else {
+                        paths.to_vec()
+                    }
+                };
+                for host in &route.hosts {
+                    let host = ployz_routing::table::normalize_host(host);
+                    let shared = other
+                        .hosts
+                        .iter()
+                        .any(|other_host| ployz_routing::table::normalize_host(other_host) == host);
+                    if !shared {
+                        continue;
+                    }
+                    let theirs = paths(&other.paths);
+                    if let Some(path) = paths(&route.paths).into_iter().find(|p| theirs.contains(p))
+                    {
+                        return Err(taken(format!("`{host}{path}`"), namespace));
+                    }
+                }
+            }
+            if let Some(tls) = &route.tls {
+                for path in [&tls.certificate, &tls.key] {
+                    if let Some(Some(reason)) = observed.tls_files.get(path) {
+                        return Err(PlanError::TlsFileUnreadable {
+                            service: name.clone(),
+                            path: path.clone(),
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Plans deploying `manifest` given `observed`.
@@ -173,6 +244,7 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
         .map(|c| c.id.0.as_str())
         .collect();
 
+    check_routes(manifest, observed)?;
     let mut services = Vec::new();
     let mut volumes = Vec::new();
     let mut notes = Vec::new();
@@ -443,6 +515,8 @@ mod tests {
 
     fn observation(head: Option<DeployRecord>, containers: Vec<ContainerInfo>) -> Observation {
         Observation {
+            other_routes: Vec::new(),
+            tls_files: BTreeMap::new(),
             machine: MACHINE.to_owned(),
             head,
             containers,
@@ -666,5 +740,75 @@ mod tests {
         .expect("plan");
         assert_eq!(plan.removed_services.len(), 1);
         assert_eq!(plan.removed_services[0].service, "b");
+    }
+
+    fn routed(route: &str) -> Manifest {
+        manifest(&format!(
+            "namespace = \"shop\"\n[services.web]\nimage = \"img\"\n[[services.web.routes]]\n{route}\n"
+        ))
+    }
+
+    fn served_by_blog(hosts: &[&str], paths: &[&str], tcp: Option<u16>) -> (String, RouteRecord) {
+        (
+            "blog".to_owned(),
+            RouteRecord {
+                service: "site".to_owned(),
+                hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+                paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+                tcp,
+                port: 80,
+                instances: Vec::new(),
+                tls: None,
+            },
+        )
+    }
+
+    #[test]
+    fn a_route_another_namespace_serves_is_refused() {
+        let mut observed = observation(None, Vec::new());
+        observed.other_routes = vec![
+            served_by_blog(&["Example.com"], &[], None),
+            served_by_blog(&[], &[], Some(5432)),
+        ];
+        let taken = |route: &str| match plan(&routed(route), &observed) {
+            Err(PlanError::RouteTaken {
+                route, namespace, ..
+            }) => Some((route, namespace)),
+            Err(other) => panic!("unexpected {other}"),
+            Ok(_) => None,
+        };
+        assert_eq!(
+            taken("hosts = [\"example.com\"]\nport = 80"),
+            Some(("`example.com/`".to_owned(), "blog".to_owned()))
+        );
+        assert_eq!(
+            taken("tcp = 5432\nport = 5432"),
+            Some(("TCP port 5432".to_owned(), "blog".to_owned()))
+        );
+        // Another path on the same host, another host, another port: fine.
+        assert_eq!(
+            taken("hosts = [\"example.com\"]\npaths = [\"/api\"]\nport = 80"),
+            None
+        );
+        assert_eq!(taken("hosts = [\"shop.example.com\"]\nport = 80"), None);
+        assert_eq!(taken("tcp = 5433\nport = 5432"), None);
+    }
+
+    #[test]
+    fn an_unreadable_tls_file_fails_the_plan() {
+        let mut observed = observation(None, Vec::new());
+        observed.tls_files = BTreeMap::from([
+            ("/c.pem".to_owned(), None),
+            (
+                "/k.pem".to_owned(),
+                Some("No such file or directory".to_owned()),
+            ),
+        ]);
+        let route =
+            "hosts = [\"a.test\"]\nport = 80\ntls = { certificate = \"/c.pem\", key = \"/k.pem\" }";
+        assert!(matches!(
+            plan(&routed(route), &observed),
+            Err(PlanError::TlsFileUnreadable { path, .. }) if path == "/k.pem"
+        ));
     }
 }
