@@ -7,6 +7,7 @@
 //! - [`tls`]: TLS termination, the certificate chosen by SNI.
 //! - [`tcp`]: plain TCP routes.
 
+pub mod fuzz;
 pub mod http;
 pub mod tcp;
 pub mod tls;

@@ -26,7 +26,9 @@ pub async fn run(context: &Context<'_>, command: RoutesCommand) -> Result<(), Ap
                 .await
                 .map_err(|e| context.call_error(e))?
                 .into_inner();
-            context.output.emit(&response, || render(&response.processes));
+            context
+                .output
+                .emit(&response, || render(&response.processes));
             Ok(())
         }
     }
@@ -60,7 +62,15 @@ pub fn render(processes: &[v1::RoutingProcess]) -> String {
     if !rows.is_empty() {
         text.push('\n');
         text.push_str(&table(
-            &["FROM", "NAMESPACE", "SERVICE", "KIND", "MATCH", "TARGETS", "COMMIT"],
+            &[
+                "FROM",
+                "NAMESPACE",
+                "SERVICE",
+                "KIND",
+                "MATCH",
+                "TARGETS",
+                "COMMIT",
+            ],
             &rows,
         ));
     }
@@ -72,7 +82,11 @@ pub fn summary(process: &v1::RoutingProcess, now: u64) -> String {
     if !process.reachable {
         return format!("{:<9} not answering: {}", process.component, process.error);
     }
-    let commits: Vec<&str> = process.namespaces.iter().map(|ns| ns.commit.as_str()).collect();
+    let commits: Vec<&str> = process
+        .namespaces
+        .iter()
+        .map(|ns| ns.commit.as_str())
+        .collect();
     let source = if process.in_sync {
         format!(
             "following the store (synced {} ago)",
@@ -111,5 +125,7 @@ pub fn summary(process: &v1::RoutingProcess, now: u64) -> String {
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
 }

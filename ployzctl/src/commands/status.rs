@@ -90,9 +90,38 @@ fn render(status: &v1::StatusResponse) -> String {
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
-    for process in &status.routing {
-        let _ = writeln!(text, "{}", super::routes::summary(process, now));
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        });
+    for (sidecar, process) in [
+        (
+            &status.gateway,
+            status.routing.iter().find(|p| p.component == "gateway"),
+        ),
+        (
+            &status.dns,
+            status.routing.iter().find(|p| p.component == "dns"),
+        ),
+    ] {
+        match (sidecar, process) {
+            (Some(sidecar), _) if sidecar.state != "running" => {
+                let name = process.map_or("routing", |p| p.component.as_str());
+                let _ = writeln!(text, "{name:<9} {}: {}", sidecar.state, sidecar.detail);
+            }
+            (Some(sidecar), Some(process)) => {
+                let _ = writeln!(
+                    text,
+                    "{} ({}, {} restart(s))",
+                    super::routes::summary(process, now),
+                    sidecar.origin,
+                    sidecar.restarts
+                );
+            }
+            (None, Some(process)) => {
+                let _ = writeln!(text, "{}", super::routes::summary(process, now));
+            }
+            (_, None) => {}
+        }
     }
     if let Some(ebpf) = &status.ebpf {
         let state = if ebpf.available {

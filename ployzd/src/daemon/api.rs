@@ -143,12 +143,25 @@ impl v1::ployz_server::Ployz for ApiService {
                 detail: reason.clone(),
             },
         };
-        let routing = daemon
+        let routing: Vec<v1::RoutingProcess> = daemon
             .routing_processes()
             .await
             .into_iter()
             .map(|(component, answer)| routing_process(component, answer, None))
             .collect();
+        let answered = |component: super::routing::Component| {
+            routing
+                .iter()
+                .any(|process| process.component == component.name() && process.reachable)
+        };
+        let gateway = v1::SidecarStatus {
+            reachable: answered(super::routing::Component::Gateway),
+            ..routing_sidecar(&facts, super::routing::Component::Gateway)
+        };
+        let dns = v1::SidecarStatus {
+            reachable: answered(super::routing::Component::Dns),
+            ..routing_sidecar(&facts, super::routing::Component::Dns)
+        };
         reply(Ok(v1::StatusResponse {
             daemon: Some(v1::DaemonStatus {
                 version: VERSION.to_owned(),
@@ -183,8 +196,8 @@ impl v1::ployz_server::Ployz for ApiService {
             }),
             runtime: Some(runtime),
             storage: Some(storage),
-            gateway: None,
-            dns: None,
+            gateway: Some(gateway),
+            dns: Some(dns),
             routing,
         }))
     }
@@ -549,6 +562,45 @@ fn routing_process(
             reachable: false,
             error,
             ..v1::RoutingProcess::default()
+        },
+    }
+}
+
+/// A routing sidecar's supervision state for `status`.
+fn routing_sidecar(
+    facts: &super::operations::StatusFacts,
+    component: super::routing::Component,
+) -> v1::SidecarStatus {
+    match facts.routing.iter().find(|(c, _)| *c == component) {
+        Some((_, Ok(status))) => v1::SidecarStatus {
+            state: status.state.as_str().to_owned(),
+            pid: status.pid.unwrap_or(0),
+            origin: status.origin.kind().to_owned(),
+            config_hash: status.config_hash.clone(),
+            client_url: status.client_url.clone(),
+            restarts: status.restarts,
+            detail: match &status.origin {
+                SidecarOrigin::Recreated { reason } => format!(
+                    "recreated: {reason}. {}",
+                    status.detail.clone().unwrap_or_default()
+                )
+                .trim()
+                .to_owned(),
+                SidecarOrigin::Started | SidecarOrigin::Adopted => {
+                    status.detail.clone().unwrap_or_default()
+                }
+            },
+            ..v1::SidecarStatus::default()
+        },
+        Some((_, Err(reason))) => v1::SidecarStatus {
+            state: "failed".to_owned(),
+            detail: reason.clone(),
+            ..v1::SidecarStatus::default()
+        },
+        None => v1::SidecarStatus {
+            state: "not_configured".to_owned(),
+            detail: "not started: this machine has no cluster yet".to_owned(),
+            ..v1::SidecarStatus::default()
         },
     }
 }

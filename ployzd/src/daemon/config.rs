@@ -439,12 +439,10 @@ fn parse_listeners(key: &'static str, text: &str) -> Result<Vec<SocketAddr>, Con
     }
     text.split(',')
         .map(|part| {
-            part.trim()
-                .parse()
-                .map_err(|_| ConfigError::InvalidValue {
-                    key,
-                    message: format!("`{}` is not an address like 127.0.0.1:8080", part.trim()),
-                })
+            part.trim().parse().map_err(|_| ConfigError::InvalidValue {
+                key,
+                message: format!("`{}` is not an address like 127.0.0.1:8080", part.trim()),
+            })
         })
         .collect()
 }
@@ -491,9 +489,18 @@ mod tests {
             "[gateway]\nhttp_listen = [\"127.0.0.1:8080\"]\n[dns]\nlisten = [\"127.0.0.1:5353\"]\n",
         );
         let config = DaemonConfig::resolve(&args).expect("valid");
-        assert_eq!(config.gateway.http_listen, vec!["127.0.0.1:8080".parse().expect("addr")]);
-        assert_eq!(config.gateway.https_listen, vec!["0.0.0.0:443".parse().expect("addr")]);
-        assert_eq!(config.dns.listen, Some(vec!["127.0.0.1:5353".parse().expect("addr")]));
+        assert_eq!(
+            config.gateway.http_listen,
+            vec!["127.0.0.1:8080".parse().expect("addr")]
+        );
+        assert_eq!(
+            config.gateway.https_listen,
+            vec!["0.0.0.0:443".parse().expect("addr")]
+        );
+        assert_eq!(
+            config.dns.listen,
+            Some(vec!["127.0.0.1:5353".parse().expect("addr")])
+        );
         args.gateway_http = Some("127.0.0.1:1, [::1]:2".to_owned());
         args.gateway_https = Some("none".to_owned());
         let config = DaemonConfig::resolve(&args).expect("valid");
@@ -502,7 +509,10 @@ mod tests {
         args.dns_listen = Some("localhost:53".to_owned());
         assert!(matches!(
             DaemonConfig::resolve(&args),
-            Err(ConfigError::InvalidValue { key: "dns.listen", .. })
+            Err(ConfigError::InvalidValue {
+                key: "dns.listen",
+                ..
+            })
         ));
     }
 

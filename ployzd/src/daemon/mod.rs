@@ -9,7 +9,7 @@ pub mod backends;
 pub mod config;
 mod deploy;
 mod operations;
-mod routing;
+pub(crate) mod routing;
 mod server;
 
 use std::{
@@ -34,6 +34,7 @@ use crate::{
     services::{
         SidecarError,
         nats::{NatsSidecar, NatsSidecarConfig},
+        routing::{RoutingSidecar, RoutingSidecarConfig, find_routing_binary},
     },
     storage::VolumeBackend,
     store::{
@@ -79,12 +80,14 @@ enum ClusterState {
     Ready(Arc<ClusterRuntime>),
 }
 
-/// The live parts of a member machine: its NATS sidecar and its store.
+/// The live parts of a member machine: its NATS sidecar, its store, and the
+/// gateway and DNS sidecars (or why each could not start).
 struct ClusterRuntime {
     identity: LocalIdentity,
     nats: Arc<NatsSidecar>,
     store: NatsStore,
     journal: Journal<NatsStore>,
+    routing: Vec<(routing::Component, Result<Arc<RoutingSidecar>, String>)>,
 }
 
 impl Daemon {
@@ -255,12 +258,58 @@ impl Daemon {
         let store = NatsStore::connect(store_config).await?;
         let journal = Journal::new(store.clone(), self.runner.clone())
             .with_lease_ttl(self.config.operation_lease_ttl);
+        let routing = self.start_routing(&nats.client_url()).await;
         Ok(Arc::new(ClusterRuntime {
             identity: identity.clone(),
             nats,
             store,
             journal,
+            routing,
         }))
+    }
+
+    /// Adopts or starts the gateway and DNS, following the store at
+    /// `nats_url`. One that cannot start is reported in `status` and does not
+    /// keep the rest of the machine down.
+    async fn start_routing(
+        &self,
+        nats_url: &str,
+    ) -> Vec<(routing::Component, Result<Arc<RoutingSidecar>, String>)> {
+        let mut started = Vec::new();
+        for component in routing::Component::ALL {
+            let ensured = async {
+                let binary = find_routing_binary(
+                    component.process(),
+                    component.configured_binary(&self.config),
+                )?;
+                let config = RoutingSidecarConfig::new(
+                    component.process(),
+                    binary,
+                    component.dir(&self.config),
+                    component.render(&self.config, nats_url),
+                    component.admin_socket(&self.config),
+                );
+                RoutingSidecar::ensure(config).await
+            }
+            .await;
+            match ensured {
+                Ok(sidecar) => {
+                    let sidecar = Arc::new(sidecar);
+                    tracing::info!(status = ?sidecar.status(), "{} ready", component.name());
+                    let supervised = sidecar.clone();
+                    let shutdown = self.shutdown.clone();
+                    self.tasks
+                        .spawn(async move { supervised.supervise(shutdown).await });
+                    started.push((component, Ok(sidecar)));
+                }
+                Err(error) => {
+                    let reason = error_chain(&error);
+                    tracing::error!(%reason, "{} did not start; routes are not served here", component.name());
+                    started.push((component, Err(reason)));
+                }
+            }
+        }
+        started
     }
 
     /// The cluster runtime, or why there is none.

@@ -57,6 +57,8 @@ pub struct StatusFacts {
     pub nats: Option<SidecarStatus>,
     pub nats_probe: Result<(Duration, String), String>,
     pub cluster_detail: Option<String>,
+    /// The gateway's and DNS's supervision state, or why they are not running.
+    pub routing: Vec<(super::routing::Component, Result<SidecarStatus, String>)>,
 }
 
 /// A member machine with what was observed about it just now.
@@ -204,6 +206,7 @@ impl Daemon {
                 nats: None,
                 nats_probe: Err("not started: this machine has no cluster yet".to_owned()),
                 cluster_detail: None,
+                routing: Vec::new(),
             },
             ClusterState::Degraded { identity, reason } => StatusFacts {
                 identity: Some(identity.clone()),
@@ -212,6 +215,7 @@ impl Daemon {
                 nats: None,
                 nats_probe: Err(reason.clone()),
                 cluster_detail: Some(reason.clone()),
+                routing: Vec::new(),
             },
             ClusterState::Ready(runtime) => {
                 let runtime = runtime.clone();
@@ -245,6 +249,19 @@ impl Daemon {
                     nats: Some(runtime.nats.status()),
                     nats_probe,
                     cluster_detail: None,
+                    routing: runtime
+                        .routing
+                        .iter()
+                        .map(|(component, sidecar)| {
+                            (
+                                *component,
+                                sidecar
+                                    .as_ref()
+                                    .map(|sidecar| sidecar.status())
+                                    .map_err(Clone::clone),
+                            )
+                        })
+                        .collect(),
                 }
             }
         }
@@ -296,13 +313,17 @@ impl Daemon {
     /// `daemon stop [--services]`: stops the sidecars when asked, then the daemon.
     pub async fn stop(&self, stop_services: bool) -> Result<(), ApiError> {
         if stop_services && let ClusterState::Ready(runtime) = &*self.cluster.read().await {
-            runtime.nats.stop().await.map_err(|error| {
+            let failed = |error: crate::services::SidecarError| {
                 ApiError::new(
                     ErrorClass::Internal,
                     "sidecar_stop_failed",
                     error_chain(&error),
                 )
-            })?;
+            };
+            for sidecar in runtime.routing.iter().filter_map(|(_, s)| s.as_ref().ok()) {
+                sidecar.stop().await.map_err(failed)?;
+            }
+            runtime.nats.stop().await.map_err(failed)?;
         }
         self.shutdown.cancel();
         Ok(())

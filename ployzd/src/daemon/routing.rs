@@ -16,9 +16,12 @@ use ployz_routing::{
 };
 
 use super::config::DaemonConfig;
-use crate::deploy::{
-    CommitId,
-    traffic::{RouteServing, Served},
+use crate::{
+    deploy::{
+        CommitId,
+        traffic::{RouteServing, Served},
+    },
+    services::routing::RoutingProcess,
 };
 
 /// How long one status query may take.
@@ -39,6 +42,21 @@ impl Component {
         match self {
             Component::Gateway => "gateway",
             Component::Dns => "dns",
+        }
+    }
+
+    pub fn process(self) -> RoutingProcess {
+        match self {
+            Component::Gateway => RoutingProcess::Gateway,
+            Component::Dns => RoutingProcess::Dns,
+        }
+    }
+
+    /// The binary the configuration names, if any.
+    pub fn configured_binary(self, config: &DaemonConfig) -> Option<&std::path::Path> {
+        match self {
+            Component::Gateway => config.gateway.binary.as_deref(),
+            Component::Dns => config.dns.binary.as_deref(),
         }
     }
 

@@ -1,5 +1,5 @@
-//! services: long-lived sidecar processes of the data plane (nats-server first;
-//! gateway and DNS later) and their adopt-first lifecycle: inspect what already
+//! services: long-lived sidecar processes of the data plane (nats-server, the
+//! gateway and DNS) and their adopt-first lifecycle: inspect what already
 //! runs, compare its identity with the full expected specification, adopt a
 //! match untouched, recreate what is missing or drifted, and report which it was.
 //! Sidecars run in their own sessions so they outlive ployzd. This module owns
@@ -8,6 +8,8 @@
 
 pub mod nats;
 mod process;
+pub mod routing;
+mod sidecar;
 
 use std::{fmt, io, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -127,7 +129,8 @@ pub struct SidecarStatus {
     pub origin: SidecarOrigin,
     /// Hex sha256 identity of the expected specification (rendered config and binary).
     pub config_hash: String,
-    /// Where clients connect, e.g. `nats://127.0.0.1:4222`.
+    /// Where clients connect, e.g. `nats://127.0.0.1:4222`, or for the routing
+    /// processes their admin socket, e.g. `unix:///var/lib/ployz/gateway/admin.sock`.
     pub client_url: String,
     /// How many times supervision restarted the process after it died.
     pub restarts: u32,
@@ -138,12 +141,11 @@ pub struct SidecarStatus {
 /// Failures of sidecar lifecycle operations.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
-    #[error(
-        "{name} not found next to the ployzd executable, under {tools_dir} above it, or on PATH; {hint}"
-    )]
+    #[error("{name} not found {places}; {hint}")]
     BinaryNotFound {
         name: &'static str,
-        tools_dir: &'static str,
+        /// Where it was looked for, in words, e.g. `next to the ployzd executable or on PATH`.
+        places: &'static str,
         hint: &'static str,
         /// Every path that was tried, in order.
         searched: Vec<PathBuf>,
@@ -199,20 +201,22 @@ pub enum SidecarError {
         log_tail: String,
     },
     #[error(
-        "`{}` did not answer on {addr} within {timeout:?} (last probe: {last_probe}); log tail:\n{log_tail}",
+        "`{}` did not answer on {endpoint} within {timeout:?} (last probe: {last_probe}); log tail:\n{log_tail}",
         .binary.display()
     )]
     StartTimeout {
         binary: PathBuf,
-        addr: SocketAddr,
+        /// Where it was probed, e.g. `nats://127.0.0.1:4222`.
+        endpoint: String,
         timeout: Duration,
         last_probe: String,
         log_tail: String,
     },
-    #[error("{addr} is answered by another server ({found}), expected server name `{expected}`")]
+    #[error("{endpoint} is answered by another server: {found}")]
     WrongServer {
-        addr: SocketAddr,
-        expected: String,
+        /// Where it was probed, e.g. `nats://127.0.0.1:4222`.
+        endpoint: String,
+        /// What answered instead, in words.
         found: String,
     },
     #[error("cannot send {signal} to pid {pid}")]
