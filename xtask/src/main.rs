@@ -4,7 +4,8 @@
 //! - `cargo xtask test`: setup, format check, clippy, every test. CI runs this.
 //! - `cargo xtask up`: start a single-machine cluster from this checkout.
 //! - `cargo xtask down`: stop it, sidecars included.
-//! - `cargo xtask bench overlay`: overlay throughput and latency next to references.
+//! - `cargo xtask bench overlay|gateway|dns`: overlay, HTTP proxy and DNS figures
+//!   next to references measured in the same run.
 
 mod bench;
 mod setup;
@@ -46,7 +47,7 @@ enum Task {
     Up,
     /// Stop the cluster started by `up`: its app, NATS, the daemon, the pool.
     Down,
-    /// Run a benchmark and print its figures next to a reference (needs root).
+    /// Run a benchmark and print its figures next to a reference (overlay needs root).
     Bench {
         /// Also append the figures to docs/benchmarks.md.
         #[arg(long)]

@@ -1,32 +1,22 @@
-//! `cargo xtask bench`: benchmarks that print their figures next to a reference
-//! measured in the same run on the same machine, and record them in
-//! docs/benchmarks.md with the command that produced them. `overlay` measures
-//! TCP throughput and ping latency between two network namespaces over the raw
-//! veth, over wireguard-go and over `ployz-tunnel`. Needs root, iperf3, ping,
-//! wg and wireguard-go (`cargo xtask setup` installs them).
+//! `cargo xtask bench overlay`: TCP throughput and ping latency between two
+//! network namespaces over the raw veth, over wireguard-go and over
+//! `ployz-tunnel`. Needs root, iperf3, ping, wg and wireguard-go (`cargo xtask
+//! setup` installs them).
 
 use std::{
     fmt::Write as _,
     fs,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use clap::Subcommand;
 
+use super::{Guard, Machine, append_section, check_interrupted, output};
 use crate::{cargo, step};
-
-/// What to benchmark.
-#[derive(Clone, Copy, Subcommand)]
-pub(crate) enum Bench {
-    /// iperf3 and ping across two namespaces: raw veth, wireguard-go, ployz-tunnel.
-    Overlay,
-}
 
 /// The command line that reproduces a run, written next to its figures.
 const OVERLAY_COMMAND: &str = "cargo xtask bench --record overlay";
@@ -39,21 +29,8 @@ const WIREGUARD_PORT: u16 = 51820;
 const IPERF_PORT: u16 = 5201;
 const IPERF_SECONDS: &str = "5";
 
-/// Set by SIGINT/SIGTERM so a run stops between steps and still cleans up.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_signal: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Runs the benchmark `what`; with `record`, appends its figures to docs/benchmarks.md.
-pub(crate) fn run(root: &Path, what: Bench, record: bool) -> Result<()> {
-    match what {
-        Bench::Overlay => overlay(root, record),
-    }
-}
-
-fn overlay(root: &Path, record: bool) -> Result<()> {
+/// Runs the overlay benchmark; with `record`, appends its figures to docs/benchmarks.md.
+pub(super) fn run(root: &Path, record: bool) -> Result<()> {
     // SAFETY: geteuid only reads the calling process's credentials.
     let euid = unsafe { libc::geteuid() };
     ensure!(
@@ -70,14 +47,7 @@ fn overlay(root: &Path, record: bool) -> Result<()> {
             "`{tool}` is missing; run `cargo xtask setup`"
         );
     }
-    // A handler (not SIG_IGN, which children would inherit) keeps xtask alive on
-    // Ctrl-C while iperf3 and the tunnels die, so the guards below still clean up.
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
-    }
+    super::stop_on_signals();
 
     step("building ployz-tunnel (release)");
     crate::run(cargo(root).args([
@@ -120,38 +90,6 @@ fn overlay(root: &Path, record: bool) -> Result<()> {
         println!("recorded in {}", path.display());
     }
     Ok(())
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Runs a command and returns its stdout, failing with its stderr.
-fn output(program: &str, args: &[&str]) -> Result<String> {
-    check_interrupted()?;
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !output.status.success() {
-        check_interrupted()?;
-        // iperf3 -J reports its errors on stdout.
-        let stream = if output.stderr.is_empty() {
-            &output.stdout
-        } else {
-            &output.stderr
-        };
-        bail!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(stream).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// One end of the benchmark: a namespace and its veth end.
@@ -369,28 +307,6 @@ impl Implementation<'_> {
     }
 }
 
-/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
-            // SAFETY: kill only sends a signal; the pid is our own unreaped
-            // child, so it cannot have been recycled for another process.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One tunnel process and its interface.
 struct TunnelEnd<'a> {
     host: &'a Host,
@@ -573,31 +489,14 @@ struct Measurement {
 /// The figures of one run and where they were measured.
 struct Report {
     measurements: Vec<Measurement>,
-    date: String,
-    cores: usize,
-    kernel: String,
-    cpu: String,
+    machine: Machine,
 }
 
 impl Report {
     fn new(measurements: Vec<Measurement>) -> Result<Self> {
-        let cpu = fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find(|line| line.starts_with("model name"))
-                    .and_then(|line| line.split_once(':'))
-                    .map(|(_, model)| model.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown".to_owned());
         Ok(Self {
             measurements,
-            date: output("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?
-                .trim()
-                .to_owned(),
-            cores: thread::available_parallelism().map_or(1, usize::from),
-            kernel: output("uname", &["-r"])?.trim().to_owned(),
-            cpu,
+            machine: Machine::probe()?,
         })
     }
 
@@ -637,38 +536,25 @@ impl Report {
         table
     }
 
-    /// Appends this run to `path`, creating the file with its introduction.
+    /// Appends this run to `path`.
     fn record(&self, path: &Path) -> Result<()> {
-        let mut text = match fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                BENCHMARKS_INTRO.to_owned()
-            }
-            Err(error) => {
-                return Err(error).with_context(|| format!("cannot read {}", path.display()));
-            }
-        };
-        let _ = write!(
-            text,
-            "\n## overlay, {date}\n\n\
-             Command: `{OVERLAY_COMMAND}` (as root). Machine: {cores} cores ({cpu}), \
-             kernel {kernel}. One TCP stream, iperf3 for {IPERF_SECONDS} s from namespace A \
-             to B; `ping -c 20 -i 0.05`.\n\n{table}",
-            date = self.date,
-            cores = self.cores,
-            cpu = self.cpu,
-            kernel = self.kernel,
-            table = self.table(),
-        );
-        fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        let machine = &self.machine;
+        append_section(
+            path,
+            &format!(
+                "## overlay, {date}\n\n\
+                 Command: `{OVERLAY_COMMAND}` (as root). Machine: {cores} cores ({cpu}), \
+                 kernel {kernel}. One TCP stream, iperf3 for {IPERF_SECONDS} s from namespace A \
+                 to B; `ping -c 20 -i 0.05`.\n\n{table}",
+                date = machine.date,
+                cores = machine.cores,
+                cpu = machine.cpu,
+                kernel = machine.kernel,
+                table = self.table(),
+            ),
+        )
     }
 }
-
-const BENCHMARKS_INTRO: &str = "# Benchmarks\n\n\
-Each benchmark prints its figures next to a reference measured in the same run on the \
-same machine, so a number is never read alone. This file records results together \
-with the command that produced them; `cargo xtask bench --record <what>` appends a \
-section here.\n";
 
 #[cfg(test)]
 mod tests {
