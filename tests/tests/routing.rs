@@ -49,7 +49,12 @@ impl RoutingNode {
         let path = write_file(self.node.dir(), name, &text).expect("write manifest");
         let path = path.display().to_string();
         let run = self.node.ployzctl(&["--json", "deploy", "-f", &path]);
-        assert!(run.succeeded(), "deploy failed: {}{}", run.stdout, run.stderr);
+        assert!(
+            run.succeeded(),
+            "deploy failed: {}{}",
+            run.stdout,
+            run.stderr
+        );
         run.json()
     }
 
@@ -85,14 +90,9 @@ impl RoutingNode {
         docker(&["ps", "-q", "--filter", &filter])
             .split_whitespace()
             .map(|id| {
-                docker(&[
-                    "inspect",
-                    "-f",
-                    "{{.NetworkSettings.IPAddress}}",
-                    id,
-                ])
-                .trim()
-                .to_owned()
+                docker(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", id])
+                    .trim()
+                    .to_owned()
             })
             .collect()
     }
@@ -171,7 +171,15 @@ fn dig(port: u16, name: &str, kind: &str) -> Vec<String> {
 /// `dig` with the full answer, for the response code.
 fn dig_status(port: u16, name: &str) -> String {
     let output = Command::new("dig")
-        .args(["@127.0.0.1", "-p", &port.to_string(), name, "A", "+time=2", "+tries=1"])
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port.to_string(),
+            name,
+            "A",
+            "+time=2",
+            "+tries=1",
+        ])
         .output()
         .expect("run dig");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -213,11 +221,15 @@ fn a_deploy_is_served_by_name_and_flips_traffic_at_its_commit_without_a_failed_r
     let addresses = node.container_addresses();
     assert_eq!(node.dig("web.rt-flip.ployz.internal", "A"), addresses);
     assert_eq!(
-        node.dig("_8080._tcp.web.rt-flip.ployz.internal", "SRV").len(),
+        node.dig("_8080._tcp.web.rt-flip.ployz.internal", "SRV")
+            .len(),
         1,
         "one SRV record for the one instance"
     );
-    assert_eq!(dig_status(node.node.dns_port, "nope.rt-flip.ployz.internal"), "NXDOMAIN");
+    assert_eq!(
+        dig_status(node.node.dns_port, "nope.rt-flip.ployz.internal"),
+        "NXDOMAIN"
+    );
 
     // A client loops on the gateway while v2 deploys.
     let stop = Arc::new(AtomicBool::new(false));
@@ -242,7 +254,10 @@ fn a_deploy_is_served_by_name_and_flips_traffic_at_its_commit_without_a_failed_r
         .iter()
         .filter(|answer| !matches!(answer, Ok((200, _))))
         .collect();
-    assert!(failed.is_empty(), "failed requests during the flip: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "failed requests during the flip: {failed:?}"
+    );
     let bodies: Vec<&str> = answers
         .iter()
         .filter_map(|answer| answer.as_ref().ok())
@@ -272,7 +287,10 @@ fn a_deploy_is_served_by_name_and_flips_traffic_at_its_commit_without_a_failed_r
     for process in routes["processes"].as_array().expect("processes") {
         assert_eq!(process["reachable"], true, "{process:#}");
         assert_eq!(process["origin"], "store", "{process:#}");
-        assert_eq!(process["namespaces"][0]["commit"], "rt-flip/2", "{process:#}");
+        assert_eq!(
+            process["namespaces"][0]["commit"], "rt-flip/2",
+            "{process:#}"
+        );
     }
 }
 
@@ -293,7 +311,10 @@ fn the_gateway_and_dns_outlive_ployzd_and_nats_and_are_adopted_with_their_pids()
     })
     .expect("ployzd dies");
     kill(nats, libc::SIGKILL);
-    wait_until(Duration::from_secs(5), "NATS to die", || !process_alive(nats)).expect("NATS dies");
+    wait_until(Duration::from_secs(5), "NATS to die", || {
+        !process_alive(nats)
+    })
+    .expect("NATS dies");
     for _ in 0..20 {
         assert_eq!(node.get(host), Ok((200, "v1".to_owned())));
         assert_eq!(node.dig("web.rt-adopt.ployz.internal", "A"), addresses);
@@ -301,7 +322,11 @@ fn the_gateway_and_dns_outlive_ployzd_and_nats_and_are_adopted_with_their_pids()
 
     // ployzd comes back: it restarts NATS and adopts the gateway and DNS.
     node.node.start_daemon();
-    assert_eq!(node.routing_pids(), (gateway, dns), "adopted, not restarted");
+    assert_eq!(
+        node.routing_pids(),
+        (gateway, dns),
+        "adopted, not restarted"
+    );
     let status = node.status();
     assert_eq!(status["gateway"]["origin"], "adopted", "{status:#}");
     assert_eq!(status["dns"]["origin"], "adopted", "{status:#}");
@@ -336,7 +361,14 @@ fn certificate(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
     let cert = dir.join(format!("{host}.pem"));
     let key = dir.join(format!("{host}.key"));
     let output = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
         .args(["-nodes", "-days", "2", "-subj"])
         .arg(format!("/CN={host}"))
         .arg("-addext")
@@ -347,7 +379,11 @@ fn certificate(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
         .arg(&cert)
         .output()
         .expect("run openssl");
-    assert!(output.status.success(), "openssl: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     (cert, key)
 }
 
@@ -413,8 +449,14 @@ tls = {{ certificate = "{}", key = "{}" }}
         curl_https(port, "a.rt-tls.test", &a_cert).is_ok()
     });
     a.expect("a.rt-tls.test over HTTPS");
-    assert_eq!(curl_https(port, "a.rt-tls.test", &a_cert), Ok("service-a".to_owned()));
-    assert_eq!(curl_https(port, "b.rt-tls.test", &b_cert), Ok("service-b".to_owned()));
+    assert_eq!(
+        curl_https(port, "a.rt-tls.test", &a_cert),
+        Ok("service-a".to_owned())
+    );
+    assert_eq!(
+        curl_https(port, "b.rt-tls.test", &b_cert),
+        Ok("service-b".to_owned())
+    );
     assert!(
         curl_https(port, "a.rt-tls.test", &b_cert).is_err(),
         "a's certificate is not b's"
@@ -427,7 +469,12 @@ tls = {{ certificate = "{}", key = "{}" }}
         b"\x16\x03\x01\x00\xff garbage\r\n\r\n".to_vec(),
         b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\n".to_vec(),
         b"GET /\0 HTTP/9.9\r\n\r\n".to_vec(),
-        [b"GET / HTTP/1.1\r\nHost: a.rt-tls.test\r\nX-Big: ".to_vec(), vec![b'x'; 200_000], b"\r\n\r\n".to_vec()].concat(),
+        [
+            b"GET / HTTP/1.1\r\nHost: a.rt-tls.test\r\nX-Big: ".to_vec(),
+            vec![b'x'; 200_000],
+            b"\r\n\r\n".to_vec(),
+        ]
+        .concat(),
         vec![0xff; 70_000],
     ] {
         if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", http)) {
@@ -456,12 +503,69 @@ tls = {{ certificate = "{}", key = "{}" }}
             .collect();
         let _ = socket.send_to(&packet, dns_addr);
     }
-    assert_eq!(node.routing_pids(), (gateway, dns), "neither process restarted");
+    assert_eq!(
+        node.routing_pids(),
+        (gateway, dns),
+        "neither process restarted"
+    );
     assert!(process_alive(gateway) && process_alive(dns));
     assert_eq!(
         node.dig("a.rt-tls.ployz.internal", "A").len(),
         1,
         "DNS still answers after the storm"
     );
-    assert_eq!(curl_https(port, "b.rt-tls.test", &b_cert), Ok("service-b".to_owned()));
+    assert_eq!(
+        curl_https(port, "b.rt-tls.test", &b_cert),
+        Ok("service-b".to_owned())
+    );
+}
+
+/// The Docker bridge's address on this host.
+fn docker_bridge_ip() -> String {
+    let output = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "docker0"])
+        .output()
+        .expect("run ip");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .nth(3)
+        .and_then(|cidr| cidr.split('/').next())
+        .expect("docker0 has an IPv4 address")
+        .to_owned()
+}
+
+#[test]
+fn workload_containers_resolve_services_through_ployz_dns() {
+    ensure_example_image(IMAGE).expect("build the example image");
+    let routing = RoutingNode {
+        node: Node::new(),
+        namespace: "rt-names".to_owned(),
+    };
+    routing.remove_containers();
+    // Port 53 on the bridge: the only port a container's resolv.conf can name.
+    let listen = format!(
+        "127.0.0.1:{},{}:53",
+        routing.node.dns_port,
+        docker_bridge_ip()
+    );
+    routing.node.start_daemon_with(&["--dns-listen", &listen]);
+    routing.node.ployzctl_json(&["mesh", "init", "e2e"]);
+    routing.deploy("v1.toml", &web("v1"));
+    let address = routing.container_addresses().pop().expect("one container");
+
+    let filter = "label=ployz.namespace=rt-names";
+    let id = docker(&["ps", "-q", "--filter", filter]).trim().to_owned();
+    let resolv = docker(&["exec", &id, "cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains(&format!("nameserver {}", docker_bridge_ip()))
+            && resolv.contains("search rt-names.ployz.internal"),
+        "the container resolves through ployz-dns: {resolv}"
+    );
+    for name in ["web.rt-names.ployz.internal", "web"] {
+        let answer = docker(&["exec", &id, "nslookup", name]);
+        assert!(
+            answer.contains(&address),
+            "`{name}` resolves to {address} inside the container: {answer}"
+        );
+    }
 }
