@@ -173,9 +173,15 @@ mod tests {
         assert_eq!(table.services["web"].instances[0].replica, 1);
         assert_eq!(table.http[0].hosts, vec!["shop.example.com"]);
         assert_eq!(
-            table.http[0].tls.as_ref().map(|tls| tls.certificate.as_str()),
+            table.http[0]
+                .tls
+                .as_ref()
+                .map(|tls| tls.certificate.as_str()),
             Some("/c.pem")
         );
-        assert_eq!(table.http[0].upstreams, vec!["172.17.0.9:8080".parse().expect("addr")]);
+        assert_eq!(
+            table.http[0].upstreams,
+            vec!["172.17.0.9:8080".parse().expect("addr")]
+        );
     }
 }
