@@ -25,25 +25,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    process::init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("ployz-dns: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("ployz-dns: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    process::main("ployz-dns", run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -31,6 +31,33 @@ pub fn init_logging() {
         .init();
 }
 
+/// Runs a routing binary's `run` future on a multi-threaded runtime with
+/// logging set up; an error is logged and printed with its whole chain.
+pub fn main<E: std::fmt::Display>(
+    name: &str,
+    run: impl Future<Output = Result<(), E>>,
+) -> std::process::ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{name}: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("{name}: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// A running routing process: its snapshots, its follower and its tasks.
 pub struct RoutingProcess {
     component: &'static str,
