@@ -569,3 +569,45 @@ fn workload_containers_resolve_services_through_ployz_dns() {
         );
     }
 }
+
+#[test]
+fn a_tcp_route_reaches_a_non_http_service_through_the_gateway() {
+    let node = RoutingNode::new("rt-tcp");
+    let port = ployz_tests::free_port();
+    let manifest = format!(
+        r#"
+namespace = "{{namespace}}"
+
+[services.echo]
+image = "{{image}}"
+command = ["sh", "-c", "while true; do echo pong | nc -l -p 9000; done"]
+stop_grace_period = "1s"
+
+[[services.echo.routes]]
+tcp = {port}
+port = 9000
+"#
+    );
+    node.deploy("tcp.toml", &manifest);
+    let answer = || -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        Some(text.trim().to_owned())
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "pong through the TCP route",
+        || answer().as_deref() == Some("pong"),
+    )
+    .expect("the gateway forwards TCP to the service");
+    let routes = node.node.ployzctl_json(&["routes", "ls", "rt-tcp"]);
+    let gateway = &routes["processes"][0];
+    assert_eq!(gateway["component"], "gateway");
+    assert_eq!(
+        gateway["namespaces"][0]["routes"][0]["matches"][0],
+        format!(":{port}"),
+        "{gateway:#}"
+    );
+}
