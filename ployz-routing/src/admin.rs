@@ -70,7 +70,7 @@ pub struct RouteStatus {
 
 /// The gateway's view of a table: its HTTP and TCP routes.
 pub fn gateway_namespaces(table: &RoutingTable) -> Vec<NamespaceStatus> {
-    namespaces(table, |table| {
+    namespaces(table, |_, table| {
         let http = table.http.iter().map(|route| RouteStatus {
             kind: if route.tls.is_some() { "https" } else { "http" }.to_owned(),
             service: route.service.clone(),
@@ -93,34 +93,27 @@ pub fn gateway_namespaces(table: &RoutingTable) -> Vec<NamespaceStatus> {
 
 /// DNS's view of a table: one name per service.
 pub fn dns_namespaces(table: &RoutingTable) -> Vec<NamespaceStatus> {
-    let mut out = Vec::new();
-    for (namespace, entry) in &table.namespaces {
-        out.push(NamespaceStatus {
-            namespace: namespace.clone(),
-            seq: entry.seq,
-            committed_at_unix_ms: entry.committed_at_unix_ms,
-            routes: entry
-                .services
-                .iter()
-                .map(|(service, endpoints)| RouteStatus {
-                    kind: "dns".to_owned(),
-                    service: service.clone(),
-                    matches: vec![format!("{service}.{namespace}.{}", crate::ZONE)],
-                    targets: endpoints
-                        .instances
-                        .iter()
-                        .flat_map(|instance| instance.addresses.iter().map(ToString::to_string))
-                        .collect(),
-                })
-                .collect(),
-        });
-    }
-    out
+    namespaces(table, |namespace, entry| {
+        entry
+            .services
+            .iter()
+            .map(|(service, endpoints)| RouteStatus {
+                kind: "dns".to_owned(),
+                service: service.clone(),
+                matches: vec![format!("{service}.{namespace}.{}", crate::ZONE)],
+                targets: endpoints
+                    .instances
+                    .iter()
+                    .flat_map(|instance| instance.addresses.iter().map(ToString::to_string))
+                    .collect(),
+            })
+            .collect()
+    })
 }
 
 fn namespaces(
     table: &RoutingTable,
-    routes: impl Fn(&crate::NamespaceTable) -> Vec<RouteStatus>,
+    routes: impl Fn(&str, &crate::NamespaceTable) -> Vec<RouteStatus>,
 ) -> Vec<NamespaceStatus> {
     table
         .namespaces
@@ -129,7 +122,7 @@ fn namespaces(
             namespace: namespace.clone(),
             seq: entry.seq,
             committed_at_unix_ms: entry.committed_at_unix_ms,
-            routes: routes(entry),
+            routes: routes(namespace, entry),
         })
         .collect()
 }

@@ -95,6 +95,15 @@ pub fn duration_ms(ms: u64) -> String {
     }
 }
 
+/// Now, in Unix milliseconds.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 /// A Unix-ms timestamp as UTC `2026-11-23T16:02:36Z` (0 prints `-`).
 pub fn timestamp(unix_ms: u64) -> String {
     if unix_ms == 0 {

@@ -7,7 +7,7 @@ use ployz_api::{ApiError, ErrorClass, v1};
 use super::{Context, READ_TIMEOUT};
 use crate::{
     cli::RoutesCommand,
-    output::{duration_ms, table},
+    output::{duration_ms, now_unix_ms, table},
 };
 
 pub async fn run(context: &Context<'_>, command: RoutesCommand) -> Result<(), ApiError> {
@@ -120,12 +120,4 @@ pub fn summary(process: &v1::RoutingProcess, now: u64) -> String {
             commits.join(", ")
         }
     )
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
 }

@@ -406,7 +406,19 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
 
     /// Observes what the planner needs.
     async fn observe(&self, manifest: &Manifest) -> Result<Observation, DeployError> {
-        let head = self.history(&manifest.namespace).await?.pop();
+        // One read of every namespace's latest commit: ours is the head, the
+        // others' routes are what ours must not take.
+        let mut heads = self.heads().await?;
+        let head = heads.remove(&manifest.namespace);
+        let other_routes = heads
+            .into_iter()
+            .flat_map(|(other, commit)| {
+                commit
+                    .routes
+                    .into_iter()
+                    .map(move |route| (other.clone(), route))
+            })
+            .collect();
         let filter = BTreeMap::from([
             (labels::MANAGED.to_owned(), "true".to_owned()),
             (labels::NAMESPACE.to_owned(), manifest.namespace.clone()),
@@ -439,7 +451,7 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             }
         }
         Ok(Observation {
-            other_routes: self.other_routes(&manifest.namespace).await?,
+            other_routes,
             tls_files: tls_files(manifest),
             machine: self.machine.clone(),
             head,
@@ -451,34 +463,24 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         })
     }
 
-    /// The routes other namespaces serve: those of each one's latest commit.
-    async fn other_routes(
-        &self,
-        namespace: &str,
-    ) -> Result<Vec<(String, RouteRecord)>, DeployError> {
+    /// Every namespace's latest commit.
+    async fn heads(&self) -> Result<BTreeMap<String, DeployRecord>, DeployError> {
         let prefix = crate::store::KeyPrefix::new("deploys").expect("a valid prefix");
         let records = self.store.list(&prefix).await?;
         // Keys sort by namespace then zero-padded sequence: the last record
         // of each namespace is its latest commit.
         let mut latest: BTreeMap<String, &crate::store::Record> = BTreeMap::new();
         for record in &records {
-            if let Some((other, _)) = ployz_routing::table::parse_commit_key(record.key.as_str())
-                && other != namespace
+            if let Some((namespace, _)) =
+                ployz_routing::table::parse_commit_key(record.key.as_str())
             {
-                latest.insert(other.to_owned(), record);
+                latest.insert(namespace.to_owned(), record);
             }
         }
-        let mut routes = Vec::new();
-        for (other, record) in latest {
-            let commit: DeployRecord = record.decode()?;
-            routes.extend(
-                commit
-                    .routes
-                    .into_iter()
-                    .map(|route| (other.clone(), route)),
-            );
-        }
-        Ok(routes)
+        latest
+            .into_iter()
+            .map(|(namespace, record)| Ok((namespace, record.decode()?)))
+            .collect()
     }
 
     /// Clears what an interrupted deploy at the next commit left behind (this

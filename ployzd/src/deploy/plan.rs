@@ -178,6 +178,14 @@ pub enum PlanError {
 /// Routes must not take what another namespace serves (the same host and
 /// path, or the same TCP port), and TLS files must be usable on this machine.
 fn check_routes(manifest: &Manifest, observed: &Observation) -> Result<(), PlanError> {
+    // A route without paths serves every path.
+    let paths = |paths: &[String]| -> Vec<String> {
+        if paths.is_empty() {
+            vec!["/".to_owned()]
+        } else {
+            paths.to_vec()
+        }
+    };
     for (name, service) in &manifest.services {
         for route in &service.routes {
             let taken = |route_text: String, namespace: &str| PlanError::RouteTaken {
@@ -191,13 +199,6 @@ fn check_routes(manifest: &Manifest, observed: &Observation) -> Result<(), PlanE
                 {
                     return Err(taken(format!("TCP port {port}"), namespace));
                 }
-                let paths = |paths: &[String]| -> Vec<String> {
-                    if paths.is_empty() {
-                        vec!["/".to_owned()]
-                    } else {
-                        paths.to_vec()
-                    }
-                };
                 for host in &route.hosts {
                     let host = ployz_routing::table::normalize_host(host);
                     let shared = other

@@ -10,14 +10,13 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use ployz_routing::{Instance, NamespaceTable, RoutingTable, ServiceEntry, config, source};
 
 use super::{
     Cpus, Load, Machine, MachineMeter, OTHER_CPU_WARNING_PERCENT, Placement, Scratch, Server,
-    append_section, background_cpu_percent, build_release, check_interrupted,
-    cpu_micros_per_request, ensure_tools, free_port, output, ratio, run_load, span,
-    stop_on_signals, warn_if_busy,
+    background_cpu_percent, build_release, check_interrupted, cpu_micros_per_request, ensure_tools,
+    free_port, output, ratio, report, run_load, span, stop_on_signals, warn_if_busy,
 };
 use crate::step;
 
@@ -110,23 +109,10 @@ pub(super) fn run(root: &Path, record: bool) -> Result<()> {
     }
     drop(scratch);
 
-    step("results");
     let table = table(&rows);
-    println!("{table}");
-    if !failures.is_empty() {
-        bail!(
-            "{} case(s) failed, nothing recorded:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
-    }
-    if record {
-        append_section(
-            &root.join("docs/benchmarks.md"),
-            &section(&machine, background, &table, &rows),
-        )?;
-    }
-    Ok(())
+    report(root, record, &table, &failures, || {
+        section(&machine, background, &table, &rows)
+    })
 }
 
 /// The address of `svc<index>`: 10.0.0.1 onwards.

@@ -17,9 +17,8 @@ use ployz_routing::{HttpRoute, NamespaceTable, RoutingTable, config, source};
 
 use super::{
     Cpus, Load, Machine, MachineMeter, OTHER_CPU_WARNING_PERCENT, Placement, Scratch, Server,
-    append_section, background_cpu_percent, build_release, check_interrupted,
-    cpu_micros_per_request, ensure_tools, free_port, ratio, run_load, span, stop_on_signals,
-    warn_if_busy,
+    background_cpu_percent, build_release, check_interrupted, cpu_micros_per_request, ensure_tools,
+    free_port, ratio, report, run_load, span, stop_on_signals, warn_if_busy,
 };
 use crate::step;
 
@@ -127,23 +126,10 @@ pub(super) fn run(root: &Path, record: bool) -> Result<()> {
     }
     drop(scratch);
 
-    step("results");
     let table = table(&rows);
-    println!("{table}");
-    if !failures.is_empty() {
-        bail!(
-            "{} case(s) failed, nothing recorded:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
-    }
-    if record {
-        append_section(
-            &root.join("docs/benchmarks.md"),
-            &section(&machine, background, &table, &rows),
-        )?;
-    }
-    Ok(())
+    report(root, record, &table, &failures, || {
+        section(&machine, background, &table, &rows)
+    })
 }
 
 /// The backend's response body: 100 bytes, newline included.

@@ -670,6 +670,30 @@ fn span(ratios: &[f64]) -> String {
     }
 }
 
+/// Ends a bench: prints the table, fails when a case failed (recording
+/// nothing), and with `record` appends the section `section` renders.
+fn report(
+    root: &Path,
+    record: bool,
+    table: &str,
+    failures: &[String],
+    section: impl FnOnce() -> String,
+) -> Result<()> {
+    step("results");
+    println!("{table}");
+    if !failures.is_empty() {
+        bail!(
+            "{} case(s) failed, nothing recorded:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    if record {
+        append_section(&root.join("docs/benchmarks.md"), &section())?;
+    }
+    Ok(())
+}
+
 /// Appends `section` (starting with its `## ` heading) to `path`, creating the
 /// file with its introduction.
 fn append_section(path: &Path, section: &str) -> Result<()> {
