@@ -11,6 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // what `ployzctl --json` prints, so the field names are a stable contract.
     tonic_prost_build::configure()
         .type_attribute(".", "#[derive(serde::Serialize)]")
+        // `machine add` reads the target's `mesh join-prepare --json` back.
+        .type_attribute(
+            "ployz.v1.MeshJoinPrepareResponse",
+            "#[derive(serde::Deserialize)] #[serde(default)]",
+        )
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -112,7 +112,7 @@ pub struct DaemonLaunchArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The daemon's data directory.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, env = "PLOYZ_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// The NATS client port on loopback [default: 4722].
     #[arg(long, value_name = "PORT")]
@@ -178,9 +178,28 @@ pub enum MeshCommand {
     Init {
         /// Network name: 1-63 of a-z, 0-9 and -, starting with a letter.
         network: String,
+        /// Where other machines reach this one's WireGuard on the underlay:
+        /// `IP` or `IP:PORT`. When omitted, the first `machine add` records
+        /// the address the new machine's SSH session came from.
+        #[arg(long, value_name = "IP[:PORT]")]
+        endpoint: Option<String>,
         #[command(flatten)]
         operation: OperationArgs,
     },
+    /// This machine's overlay: its address and subnet, and each peer's
+    /// endpoint, last handshake, bytes and reachability, observed now.
+    Status,
+    /// Joining, step 1 (run by `machine add` over SSH): print this
+    /// machine's id and WireGuard key for a join of NETWORK.
+    #[command(hide = true)]
+    JoinPrepare {
+        #[arg(long)]
+        network: String,
+    },
+    /// Joining, step 2 (run by `machine add` over SSH): join with the
+    /// ticket a member issued, read from stdin.
+    #[command(hide = true)]
+    Join,
 }
 
 /// Every mutating command takes an operation id.
@@ -196,6 +215,37 @@ pub struct OperationArgs {
 pub enum MachineCommand {
     /// List member machines: membership as recorded, reachability as observed now.
     Ls,
+    /// Add machines to this machine's network over SSH.
+    ///
+    /// For each target: connect (OpenSSH, key auth, your ~/.ssh/config
+    /// applies), check the host (Linux, TUN, a Docker engine, free ports, not
+    /// in another network), install this build's binaries, start ployzd,
+    /// exchange keys, claim its overlay subnet, join NATS, and wait until it
+    /// is reachable over the mesh and active. A failed step is named and the
+    /// target stays retryable: run the same command again to finish. Adding a
+    /// member again changes nothing and says so.
+    ///
+    ///   ployzctl machine add --network prod root@10.0.0.2 root@10.0.0.3
+    ///   ployzctl machine add --network prod -i ~/.ssh/ployz admin@db-1
+    #[command(verbatim_doc_comment)]
+    Add {
+        /// The network to add them to; must be this machine's.
+        #[arg(long)]
+        network: String,
+        /// SSH targets: `[user@]host[:port]` or a Host alias from ~/.ssh/config.
+        #[arg(required = true, value_name = "USER@HOST")]
+        targets: Vec<String>,
+        /// SSH private key to log in with (`ssh -i`).
+        #[arg(short, long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// Extra OpenSSH option, as for `ssh -o` (repeatable), e.g.
+        /// `-o StrictHostKeyChecking=no`.
+        #[arg(short = 'o', long = "ssh-option", value_name = "KEY=VALUE")]
+        ssh_options: Vec<String>,
+        /// How long to wait for each machine to become reachable and active.
+        #[arg(long, default_value = "90s", value_name = "DURATION")]
+        timeout: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

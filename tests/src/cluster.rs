@@ -48,6 +48,8 @@ static CLUSTER_COUNTER: AtomicU32 = AtomicU32::new(0);
 pub struct ClusterBuilder {
     hosts: usize,
     docker: bool,
+    /// Hosts (by index) whose sessions see no TUN device.
+    without_tun: BTreeSet<usize>,
 }
 
 impl ClusterBuilder {
@@ -60,6 +62,13 @@ impl ClusterBuilder {
     /// Whether every host runs its own dockerd.
     pub fn docker(mut self, docker: bool) -> Self {
         self.docker = docker;
+        self
+    }
+
+    /// Host `index` (0-based) has no TUN device: its sshd, and so every SSH
+    /// session, runs in a mount namespace where `/dev/net` is an empty tmpfs.
+    pub fn without_tun(mut self, index: usize) -> Self {
+        self.without_tun.insert(index);
         self
     }
 
@@ -106,7 +115,7 @@ impl ClusterBuilder {
         cluster.make_underlay()?;
         cluster.make_keys()?;
         for index in 0..self.hosts {
-            let host = cluster.make_host(index, self.docker)?;
+            let host = cluster.make_host(index, self.docker, self.without_tun.contains(&index))?;
             cluster.hosts.push(host);
         }
         // Start every daemon first, then wait for all of them: they start in parallel.
@@ -147,6 +156,7 @@ impl Cluster {
         ClusterBuilder {
             hosts: 1,
             docker: false,
+            without_tun: BTreeSet::new(),
         }
     }
 
@@ -179,6 +189,16 @@ impl Cluster {
     /// The private key every host's root accepts.
     pub fn ssh_key(&self) -> PathBuf {
         self.dir.path().join("id_ed25519")
+    }
+
+    /// A private key no host accepts.
+    pub fn wrong_ssh_key(&self) -> PathBuf {
+        self.dir.path().join("wrong_ed25519")
+    }
+
+    /// An underlay address no host holds: connections to it go unanswered.
+    pub fn unreachable_address(&self) -> Ipv4Addr {
+        self.address(250)
     }
 
     /// Cuts `host` off the underlay: its veth is taken down, so nothing goes in or out.
@@ -280,6 +300,7 @@ impl Cluster {
         for (file, comment) in [
             ("id_ed25519", "ployz-test-client"),
             ("ssh_host_ed25519_key", "ployz-test-host"),
+            ("wrong_ed25519", "ployz-test-unauthorized"),
         ] {
             let path = self.dir.path().join(file);
             run(Command::new("ssh-keygen")
@@ -289,7 +310,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn make_host(&self, index: usize, docker: bool) -> Result<Host> {
+    fn make_host(&self, index: usize, docker: bool, without_tun: bool) -> Result<Host> {
         let name = self.host_name(index);
         let last = u8::try_from(index + 1).context("at most 200 hosts")?;
         let address = self.address(last);
@@ -304,6 +325,7 @@ impl Cluster {
             dir,
             ssh_key: self.ssh_key(),
             docker,
+            without_tun,
             cgroup_tag: format!("ployz-test-{}", self.tag),
             children: Mutex::new(Vec::new()),
             spawned: AtomicU32::new(0),
@@ -340,6 +362,11 @@ impl Cluster {
     }
 
     fn teardown(&mut self) {
+        if let Some(dest) = std::env::var_os("PLOYZ_TEST_KEEP_LOGS") {
+            for host in &self.hosts {
+                keep_logs(host.dir.path(), &Path::new(&dest).join(&host.name));
+            }
+        }
         // Containers first: dockerd would give each one its stop timeout.
         for host in &self.hosts {
             kill_cgroup_processes(&host.cgroup_parent());
@@ -392,6 +419,8 @@ pub struct Host {
     dir: TempDir,
     ssh_key: PathBuf,
     docker: bool,
+    /// Sessions on this host see no `/dev/net/tun`.
+    without_tun: bool,
     /// Container cgroups of this host's dockerd live under this name.
     cgroup_tag: String,
     /// Every long-lived process started for this host (sshd, dockerd, spawned).
@@ -432,11 +461,72 @@ impl Host {
             .map(|socket| format!("unix://{}", socket.display()))
     }
 
-    /// A command that runs `program` inside this host's network namespace.
+    /// Where Ployz keeps this host's files: data, socket, binaries, UAPI sockets.
+    pub fn ployz_dir(&self) -> PathBuf {
+        self.dir.path().join("ployz")
+    }
+
+    /// The environment that makes Ployz on this host use this host's files
+    /// and Docker engine (hosts share one filesystem). Every SSH session on
+    /// the host gets it (sshd `SetEnv`), and so does [`Host::command`].
+    pub fn ployz_env(&self) -> Vec<(String, String)> {
+        let dir = self.ployz_dir();
+        let path = |name: &str| dir.join(name).display().to_string();
+        let mut env = vec![
+            ("PLOYZ_DATA_DIR".to_owned(), path("data")),
+            ("PLOYZ_SOCKET".to_owned(), path("ployzd.sock")),
+            ("PLOYZ_BIN_DIR".to_owned(), path("bin")),
+            ("PLOYZ_MESH_UAPI_DIR".to_owned(), path("wireguard")),
+            ("PLOYZ_STORAGE_BACKEND".to_owned(), "dir".to_owned()),
+            ("PLOYZ_STORAGE_PATH".to_owned(), path("volumes")),
+        ];
+        if let Some(socket) = self.docker_socket() {
+            env.push((
+                "PLOYZ_DOCKER_SOCKET".to_owned(),
+                socket.display().to_string(),
+            ));
+            env.push((
+                "DOCKER_HOST".to_owned(),
+                format!("unix://{}", socket.display()),
+            ));
+        }
+        env
+    }
+
+    /// A command that runs `program` inside this host's network namespace,
+    /// with the host's Ployz environment.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name, program]);
+        command.envs(self.ployz_env());
         command
+    }
+
+    /// Peers of the WireGuard interface `interface` as `wg show <interface>
+    /// dump` (wireguard-tools) reports them, run inside the host. The UAPI
+    /// socket lives in the host's own directory; `wg` looks in
+    /// /var/run/wireguard, so the directory is bind-mounted there in the
+    /// private mount namespace `ip netns exec` gives the command.
+    pub fn wg_peers(&self, interface: &str) -> Result<Vec<WgPeer>> {
+        let uapi = self.ployz_dir().join("wireguard");
+        let script = format!(
+            "mkdir -p /var/run/wireguard && mount --bind '{}' /var/run/wireguard && exec wg show '{interface}' dump",
+            uapi.display()
+        );
+        let output = self
+            .command("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .output()
+            .context("run wg show")?;
+        ensure!(
+            output.status.success(),
+            "wg show {interface} on {} failed ({}): {}",
+            self.name,
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        parse_wg_dump(&String::from_utf8_lossy(&output.stdout))
     }
 
     /// Runs `args` (program first) inside the host's namespace and waits for
@@ -579,16 +669,43 @@ impl Host {
              KbdInteractiveAuthentication no\n\
              X11Forwarding no\n\
              PrintMotd no\n\
-             Subsystem sftp internal-sftp\n",
+             Subsystem sftp internal-sftp\n\
+             SetEnv {set_env}\n",
             address = self.address,
             host_key = cluster_dir.join("ssh_host_ed25519_key").display(),
             pid_file = dir.join("sshd.pid").display(),
             authorized = authorized.display(),
+            set_env = self
+                .ployz_env()
+                .iter()
+                .map(|(name, value)| format!("\"{name}={value}\""))
+                .collect::<Vec<_>>()
+                .join(" "),
         );
+        for sub in ["data", "bin", "wireguard", "volumes"] {
+            fs::create_dir_all(self.ployz_dir().join(sub))
+                .with_context(|| format!("create {}", self.ployz_dir().join(sub).display()))?;
+        }
         let config_path = dir.join("sshd_config");
         fs::write(&config_path, config).context("write sshd_config")?;
-        let mut command = self.command("/usr/sbin/sshd");
-        command.args(["-D", "-e", "-f"]).arg(&config_path);
+        let command = if self.without_tun {
+            // `ip netns exec` gives the command its own mount namespace (mounts
+            // there do not propagate back): hide /dev/net in it for sshd and
+            // every session it starts.
+            let mut command = self.command("sh");
+            command.args([
+                "-c",
+                &format!(
+                    "mount -t tmpfs -o size=64k tmpfs /dev/net && exec /usr/sbin/sshd -D -e -f '{}'",
+                    config_path.display()
+                ),
+            ]);
+            command
+        } else {
+            let mut command = self.command("/usr/sbin/sshd");
+            command.args(["-D", "-e", "-f"]).arg(&config_path);
+            command
+        };
         self.spawn_logged(command, &dir.join("sshd.log"))?;
         Ok(())
     }
@@ -675,6 +792,49 @@ impl Host {
         }
         children.clear();
     }
+}
+
+/// One peer as `wg show <interface> dump` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgPeer {
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the Unix epoch; 0 when there was none.
+    pub latest_handshake_unix: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// Parses `wg show <interface> dump`: the interface line, then one
+/// tab-separated line per peer (public key, preshared key, endpoint,
+/// allowed IPs, latest handshake, rx, tx, keepalive).
+pub fn parse_wg_dump(dump: &str) -> Result<Vec<WgPeer>> {
+    dump.lines()
+        .skip(1)
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            ensure!(fields.len() >= 8, "a wg dump peer line has 8 fields: {line:?}");
+            let number = |index: usize| -> Result<u64> {
+                fields[index]
+                    .parse()
+                    .with_context(|| format!("field {index} of {line:?}"))
+            };
+            Ok(WgPeer {
+                public_key: fields[0].to_owned(),
+                endpoint: (fields[2] != "(none)").then(|| fields[2].to_owned()),
+                allowed_ips: fields[3]
+                    .split(',')
+                    .filter(|ip| !ip.is_empty() && *ip != "(none)")
+                    .map(str::to_owned)
+                    .collect(),
+                latest_handshake_unix: number(4)?,
+                rx_bytes: number(5)?,
+                tx_bytes: number(6)?,
+            })
+        })
+        .collect()
 }
 
 /// What a cluster consisted of, to check after drop that nothing remains.
@@ -871,6 +1031,24 @@ fn remove_cgroup_dir(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
+/// Copies every `*.log` under `from` to `to`, keeping relative paths (for
+/// looking at a failed test after the cluster is gone).
+fn keep_logs(from: &Path, to: &Path) {
+    let Ok(entries) = fs::read_dir(from) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else { continue };
+        if kind.is_dir() && entry.file_name() != "docker" {
+            keep_logs(&path, &to.join(entry.file_name()));
+        } else if kind.is_file() && path.extension().is_some_and(|ext| ext == "log" || ext == "json" || ext == "conf") {
+            let _ = fs::create_dir_all(to);
+            let _ = fs::copy(&path, to.join(entry.file_name()));
+        }
+    }
+}
+
 /// Pids of live processes whose network namespace is `/run/netns/<name>`.
 fn namespace_pids(name: &str) -> Vec<u32> {
     let Ok(namespace) = fs::metadata(Path::new("/run/netns").join(name)) else {
@@ -1045,5 +1223,26 @@ mod tests {
         assert_eq!(owner_pid("pz1a2bn"), None);
         assert_eq!(owner_pid("pzxyn1h1"), None);
         assert_eq!(owner_pid("eth0"), None);
+    }
+}
+
+#[cfg(test)]
+mod wg_dump_tests {
+    use super::*;
+
+    #[test]
+    fn a_wg_dump_is_parsed_into_peers() {
+        let dump = "cHJpdmF0ZQ==\tcHVibGlj\t51820\toff\n\
+                    a2V5MQ==\t(none)\t10.0.0.2:51820\tfd00:0:0:2::/64\t1764800000\t1200\t3400\t25\n\
+                    a2V5Mg==\t(none)\t(none)\t(none)\t0\t0\t0\toff\n";
+        let peers = parse_wg_dump(dump).expect("parse");
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].endpoint.as_deref(), Some("10.0.0.2:51820"));
+        assert_eq!(peers[0].allowed_ips, vec!["fd00:0:0:2::/64".to_owned()]);
+        assert_eq!(peers[0].latest_handshake_unix, 1_764_800_000);
+        assert_eq!((peers[0].rx_bytes, peers[0].tx_bytes), (1200, 3400));
+        assert_eq!(peers[1].endpoint, None);
+        assert!(peers[1].allowed_ips.is_empty());
+        assert!(parse_wg_dump("iface\nshort\tline\n").is_err());
     }
 }

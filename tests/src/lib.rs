@@ -44,6 +44,12 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A free UDP port (the socket is closed before returning).
+pub fn free_udp_port() -> u16 {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind an ephemeral UDP port");
+    socket.local_addr().expect("local address").port()
+}
+
 /// A free TCP port on loopback (the listener is closed before returning).
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -101,6 +107,12 @@ pub struct Node {
     pub https_port: u16,
     /// DNS (UDP and TCP) on 127.0.0.1.
     pub dns_port: u16,
+    /// The overlay's TUN interface, unique per node.
+    pub mesh_interface: String,
+    /// WireGuard's UDP port.
+    pub mesh_port: u16,
+    /// NATS's cluster port, on the node's overlay address.
+    pub nats_cluster_port: u16,
 }
 
 impl Node {
@@ -115,6 +127,9 @@ impl Node {
             http_port: free_port(),
             https_port: free_port(),
             dns_port: free_port(),
+            mesh_interface: format!("pzn{:08x}", rand_u32()),
+            mesh_port: free_udp_port(),
+            nats_cluster_port: free_port(),
         }
     }
 
@@ -138,6 +153,12 @@ impl Node {
             .arg(self.socket())
             .args(args)
             .env_remove("PLOYZ_SOCKET")
+            // The overlay of every node lives in this one network namespace:
+            // each gets its own interface, ports and UAPI socket.
+            .env("PLOYZ_MESH_INTERFACE", &self.mesh_interface)
+            .env("PLOYZ_MESH_PORT", self.mesh_port.to_string())
+            .env("PLOYZ_MESH_UAPI_DIR", self.dir.path().join("wireguard"))
+            .env("PLOYZ_NATS_CLUSTER_PORT", self.nats_cluster_port.to_string())
             .output()
             .expect("run ployzctl");
         Run::from_output(output, started.elapsed())
@@ -242,6 +263,15 @@ impl Drop for Node {
             kill(pid, libc::SIGKILL);
         }
     }
+}
+
+/// A random number from the kernel, for unique names.
+fn rand_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    if let Ok(mut file) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut file, &mut bytes);
+    }
+    u32::from_ne_bytes(bytes) ^ std::process::id()
 }
 
 fn pid_field(value: &Value, field: &str) -> u32 {

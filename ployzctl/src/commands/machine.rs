@@ -13,6 +13,20 @@ pub async fn run(
     command: MachineCommand,
 ) -> Result<(), ployz_api::ApiError> {
     match command {
+        MachineCommand::Add {
+            network,
+            targets,
+            identity,
+            ssh_options,
+            timeout,
+        } => {
+            let timeout = super::machine_add::parse_timeout(&timeout)?;
+            let ssh = super::machine_add::SshOptions {
+                identity,
+                options: ssh_options,
+            };
+            super::machine_add::add(context, &network, &targets, &ssh, timeout).await
+        }
         MachineCommand::Ls => {
             let mut client = context.client(READ_TIMEOUT).await?;
             let response = client
@@ -31,6 +45,11 @@ pub async fn run(
                             m.network.clone(),
                             m.membership.clone(),
                             m.observed.clone(),
+                            if m.overlay_address.is_empty() {
+                                "-".to_owned()
+                            } else {
+                                m.overlay_address.clone()
+                            },
                             timestamp(m.joined_at_unix_ms),
                         ]
                     })
@@ -42,6 +61,7 @@ pub async fn run(
                         "NETWORK",
                         "MEMBERSHIP",
                         "OBSERVED",
+                        "OVERLAY",
                         "JOINED",
                     ],
                     &rows,

@@ -5,6 +5,7 @@ mod daemon;
 mod deploy;
 mod docs;
 mod machine;
+mod machine_add;
 mod mesh;
 mod op;
 mod routes;

@@ -209,7 +209,7 @@ impl v1::ployz_server::Ployz for ApiService {
         let request = request.into_inner();
         let result = self
             .daemon
-            .mesh_init(&request.operation_id, &request.network)
+            .mesh_init(&request.operation_id, &request.network, &request.endpoint)
             .await;
         reply(
             result.map(|finished: Finished<MeshInitResult>| v1::MeshInitResponse {
@@ -218,6 +218,13 @@ impl v1::ployz_server::Ployz for ApiService {
                 network: finished.result.network,
                 cluster_id: finished.result.cluster_id,
                 machine_id: finished.result.machine_id,
+                overlay_address: finished
+                    .result
+                    .overlay_address
+                    .map(|address| address.to_string())
+                    .unwrap_or_default(),
+                subnet: finished.result.subnet,
+                public_key: finished.result.public_key,
             }),
         )
     }
@@ -231,16 +238,126 @@ impl v1::ployz_server::Ployz for ApiService {
             v1::ListMachinesResponse {
                 machines: machines
                     .into_iter()
-                    .map(|machine| v1::MachineEntry {
-                        id: machine.record.id,
-                        hostname: machine.record.hostname,
-                        network: machine.record.network.to_string(),
-                        membership: machine.record.membership.as_str().to_owned(),
-                        joined_at_unix_ms: machine.record.joined_at_unix_ms,
-                        observed: machine.observed.to_owned(),
-                    })
+                    .map(|machine| machine_entry(&machine.record, machine.observed))
                     .collect(),
             }
+        }))
+    }
+
+    async fn mesh_status(
+        &self,
+        _request: Request<v1::MeshStatusRequest>,
+    ) -> ApiResult<v1::MeshStatusResponse> {
+        let view = self.daemon.mesh_status().await;
+        reply(view.map(|view| v1::MeshStatusResponse {
+            network: view.network,
+            interface: view.interface,
+            public_key: view.public_key,
+            listen_port: u32::from(view.listen_port),
+            overlay_address: view.overlay_address.to_string(),
+            subnet: view.subnet,
+            prefix: view.prefix,
+            tunnel: view.tunnel,
+            peers: view
+                .peers
+                .into_iter()
+                .map(|peer| v1::MeshPeer {
+                    machine_id: peer.record.as_ref().map(|r| r.id.clone()).unwrap_or_default(),
+                    hostname: peer.record.as_ref().map(|r| r.hostname.clone()).unwrap_or_default(),
+                    public_key: super::mesh::public_key_text(&peer.snapshot.public_key),
+                    endpoint: peer
+                        .snapshot
+                        .endpoint
+                        .map(|endpoint| endpoint.to_string())
+                        .unwrap_or_default(),
+                    last_handshake_unix_ms: peer
+                        .snapshot
+                        .last_handshake
+                        .map_or(0, |at| u64::try_from(at.as_millis()).unwrap_or(u64::MAX)),
+                    rx_bytes: peer.snapshot.rx_bytes,
+                    tx_bytes: peer.snapshot.tx_bytes,
+                    allowed_ips: peer
+                        .snapshot
+                        .allowed_ips
+                        .iter()
+                        .map(|ip| format!("{}/{}", ip.address(), ip.prefix_len()))
+                        .collect(),
+                    observed: peer.observed.to_owned(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn mesh_join_prepare(
+        &self,
+        request: Request<v1::MeshJoinPrepareRequest>,
+    ) -> ApiResult<v1::MeshJoinPrepareResponse> {
+        let request = request.into_inner();
+        let prepared = self.daemon.mesh_join_prepare(&request.network).await;
+        reply(prepared.map(|prepared| v1::MeshJoinPrepareResponse {
+            state: prepared.state.to_owned(),
+            machine_id: prepared.machine_id,
+            network: prepared.network,
+            cluster_id: prepared.cluster_id,
+            public_key: prepared.public_key,
+            listen_port: u32::from(prepared.listen_port),
+            hostname: prepared.hostname,
+        }))
+    }
+
+    async fn mesh_join(
+        &self,
+        request: Request<v1::MeshJoinRequest>,
+    ) -> ApiResult<v1::MeshJoinResponse> {
+        let request = request.into_inner();
+        let joined = self.daemon.mesh_join(&request.ticket).await;
+        reply(joined.map(|(outcome, machine_id, address)| v1::MeshJoinResponse {
+            outcome: outcome.to_owned(),
+            machine_id,
+            overlay_address: address.to_string(),
+        }))
+    }
+
+    async fn machine_admit(
+        &self,
+        request: Request<v1::MachineAdmitRequest>,
+    ) -> ApiResult<v1::MachineAdmitResponse> {
+        let request = request.into_inner();
+        let admitted = self
+            .daemon
+            .machine_admit(
+                &request.machine_id,
+                &request.public_key,
+                &request.endpoint,
+                &request.hostname,
+                &request.local_endpoint_ip,
+            )
+            .await;
+        reply(admitted.map(|admitted| v1::MachineAdmitResponse {
+            outcome: admitted.outcome.to_owned(),
+            ticket: admitted.ticket,
+            machine: Some(machine_entry(&admitted.machine, "")),
+        }))
+    }
+
+    async fn machine_activate(
+        &self,
+        request: Request<v1::MachineActivateRequest>,
+    ) -> ApiResult<v1::MachineActivateResponse> {
+        let request = request.into_inner();
+        let activated = self
+            .daemon
+            .machine_activate(
+                &request.machine_id,
+                std::time::Duration::from_millis(u64::from(request.timeout_ms)),
+            )
+            .await;
+        reply(activated.map(|activated| v1::MachineActivateResponse {
+            outcome: activated.outcome.to_owned(),
+            machine: Some(machine_entry(&activated.machine, "reachable")),
+            handshake_unix_ms: activated.handshake_unix_ms,
+            store_servers: u32::try_from(activated.store_servers).unwrap_or(u32::MAX),
+            store_replicas: u32::try_from(activated.store_replicas).unwrap_or(u32::MAX),
         }))
     }
 
@@ -501,6 +618,36 @@ fn deploy_commit(record: &DeployRecord) -> v1::DeployCommit {
         routes: record.routes.iter().map(route).collect(),
         manifest_toml: record.manifest.to_toml(),
     }
+}
+
+fn machine_entry(record: &crate::machine::MachineRecord, observed: &str) -> v1::MachineEntry {
+    let mesh = record.mesh.as_ref();
+    v1::MachineEntry {
+        id: record.id.clone(),
+        hostname: record.hostname.clone(),
+        network: record.network.to_string(),
+        membership: record.membership.as_str().to_owned(),
+        joined_at_unix_ms: record.joined_at_unix_ms,
+        observed: observed.to_owned(),
+        overlay_address: mesh
+            .map(|mesh| mesh.overlay_address.to_string())
+            .unwrap_or_default(),
+        subnet: mesh
+            .map(|mesh| format!("{}/64", subnet_base(mesh.overlay_address)))
+            .unwrap_or_default(),
+        endpoint: mesh
+            .and_then(|mesh| mesh.endpoint)
+            .map(|endpoint| endpoint.to_string())
+            .unwrap_or_default(),
+        public_key: mesh.map(|mesh| mesh.public_key.clone()).unwrap_or_default(),
+    }
+}
+
+/// The /64 an overlay address lies in.
+fn subnet_base(address: std::net::Ipv6Addr) -> std::net::Ipv6Addr {
+    let mut octets = address.octets();
+    octets[8..].fill(0);
+    std::net::Ipv6Addr::from(octets)
 }
 
 fn yes_no(value: bool) -> &'static str {

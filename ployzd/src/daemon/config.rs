@@ -33,6 +33,19 @@ pub struct DaemonArgs {
     /// The NATS HTTP monitoring port, on loopback (off by default).
     #[arg(long, env = "PLOYZ_NATS_MONITOR_PORT", value_name = "PORT")]
     pub nats_monitor_port: Option<u16>,
+    /// The NATS cluster (route) port, on this machine's overlay address.
+    #[arg(long, env = "PLOYZ_NATS_CLUSTER_PORT", value_name = "PORT")]
+    pub nats_cluster_port: Option<u16>,
+    /// The overlay's TUN interface.
+    #[arg(long, env = "PLOYZ_MESH_INTERFACE", value_name = "NAME")]
+    pub mesh_interface: Option<String>,
+    /// The overlay's WireGuard UDP port on the underlay.
+    #[arg(long, env = "PLOYZ_MESH_PORT", value_name = "PORT")]
+    pub mesh_port: Option<u16>,
+    /// Where the tunnel's WireGuard UAPI socket lives (`wg` looks in
+    /// /var/run/wireguard).
+    #[arg(long, env = "PLOYZ_MESH_UAPI_DIR", value_name = "DIR")]
+    pub mesh_uapi_dir: Option<PathBuf>,
     /// Log filter, e.g. `info` or `ployzd=debug,info`.
     #[arg(long, env = "PLOYZ_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -82,6 +95,17 @@ struct FileConfig {
     gateway: FileGatewayConfig,
     #[serde(default)]
     dns: FileDnsConfig,
+    #[serde(default)]
+    mesh: FileMeshConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMeshConfig {
+    interface: Option<String>,
+    listen_port: Option<u16>,
+    uapi_dir: Option<PathBuf>,
+    tunnel_binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +145,7 @@ struct FileNatsConfig {
     binary: Option<PathBuf>,
     port: Option<u16>,
     monitor_port: Option<u16>,
+    cluster_port: Option<u16>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -136,7 +161,24 @@ pub struct DaemonConfig {
     pub docker_socket: PathBuf,
     pub gateway: GatewayConfig,
     pub dns: DnsConfig,
+    pub mesh: MeshConfig,
 }
+
+/// How the daemon runs the overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// The TUN interface `ployz-tunnel` creates.
+    pub interface: String,
+    /// WireGuard's UDP port on the underlay.
+    pub listen_port: u16,
+    /// Where the UAPI socket `<interface>.sock` lives.
+    pub uapi_dir: PathBuf,
+    /// Explicit `ployz-tunnel` binary; `None` means beside ployzd, then PATH.
+    pub tunnel_binary: Option<PathBuf>,
+}
+
+/// The overlay interface unless configured otherwise.
+pub const DEFAULT_MESH_INTERFACE: &str = "ployz0";
 
 /// How the daemon runs the gateway sidecar.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,11 +229,16 @@ pub struct NatsConfig {
     pub host: IpAddr,
     pub port: u16,
     pub monitor_port: Option<u16>,
+    /// The route port other machines' servers connect to, on this machine's
+    /// overlay address only.
+    pub cluster_port: u16,
 }
 
 /// The default NATS client port. Not 4222, so a Ployz machine can also run an
 /// unrelated NATS on the standard port.
 pub const DEFAULT_NATS_PORT: u16 = 4722;
+/// The default NATS cluster (route) port.
+pub const DEFAULT_NATS_CLUSTER_PORT: u16 = 4723;
 
 /// How long a crashed operation blocks a retry by default.
 pub const DEFAULT_OPERATION_LEASE_TTL: Duration = Duration::from_secs(30);
@@ -237,6 +284,10 @@ impl DaemonConfig {
                     .or(file.nats.port)
                     .unwrap_or(DEFAULT_NATS_PORT),
                 monitor_port: args.nats_monitor_port.or(file.nats.monitor_port),
+                cluster_port: args
+                    .nats_cluster_port
+                    .or(file.nats.cluster_port)
+                    .unwrap_or(DEFAULT_NATS_CLUSTER_PORT),
             },
             storage: StorageConfig {
                 backend: StorageBackend::Dir,
@@ -268,6 +319,23 @@ impl DaemonConfig {
                 binary: file.dns.binary,
                 listen: file.dns.listen,
                 upstreams: file.dns.upstreams.unwrap_or_default(),
+            },
+            mesh: MeshConfig {
+                interface: args
+                    .mesh_interface
+                    .clone()
+                    .or(file.mesh.interface)
+                    .unwrap_or_else(|| DEFAULT_MESH_INTERFACE.to_owned()),
+                listen_port: args
+                    .mesh_port
+                    .or(file.mesh.listen_port)
+                    .unwrap_or(crate::mesh::overlay::DEFAULT_LISTEN_PORT),
+                uapi_dir: args
+                    .mesh_uapi_dir
+                    .clone()
+                    .or(file.mesh.uapi_dir)
+                    .unwrap_or_else(|| PathBuf::from(crate::mesh::boringtun::DEFAULT_UAPI_DIR)),
+                tunnel_binary: file.mesh.tunnel_binary,
             },
         };
         if let Some(list) = &args.gateway_http {
@@ -342,6 +410,30 @@ impl DaemonConfig {
         }
         if self.nats.port == 0 {
             return Err(ConfigError::InvalidPort { key: "nats.port" });
+        }
+        if self.nats.cluster_port == 0 {
+            return Err(ConfigError::InvalidPort {
+                key: "nats.cluster_port",
+            });
+        }
+        if self.mesh.listen_port == 0 {
+            return Err(ConfigError::InvalidPort {
+                key: "mesh.listen_port",
+            });
+        }
+        let interface = &self.mesh.interface;
+        if interface.is_empty()
+            || interface.len() > 15
+            || !interface
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
+        {
+            return Err(ConfigError::InvalidValue {
+                key: "mesh.interface",
+                message: format!(
+                    "`{interface}` must be 1 to 15 letters, digits, `-` or `_`"
+                ),
+            });
         }
         if self.nats.monitor_port == Some(0) {
             return Err(ConfigError::InvalidPort {

@@ -8,6 +8,7 @@ pub mod api;
 pub mod backends;
 pub mod config;
 mod deploy;
+mod mesh;
 mod operations;
 pub(crate) mod routing;
 mod server;
@@ -33,7 +34,7 @@ use crate::{
     runtime::{ContainerRuntime, ContainerState, docker::DockerRuntime, labels},
     services::{
         SidecarError,
-        nats::{NatsSidecar, NatsSidecarConfig},
+        nats::{NatsClusterConfig, NatsSidecar, NatsSidecarConfig},
         routing::{RoutingSidecar, RoutingSidecarConfig, find_routing_binary},
     },
     storage::VolumeBackend,
@@ -60,6 +61,16 @@ pub struct Daemon {
     cluster: RwLock<ClusterState>,
     /// Serializes operations that change the local identity.
     identity_lock: Mutex<()>,
+    /// Serializes bringing up the overlay and NATS.
+    sidecars_lock: Mutex<()>,
+    /// The overlay, once up; it is brought up once per daemon.
+    mesh_runtime: Mutex<Option<Arc<mesh::MeshRuntime>>>,
+    /// The NATS sidecar as last ensured, with its supervisor running.
+    nats_sidecar: Mutex<Option<Arc<NatsSidecar>>>,
+    /// The gateway and DNS, started once per daemon.
+    routing: Mutex<RoutingSidecars>,
+    /// This daemon, for tasks that outlive a request.
+    me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
     /// This machine's volumes, or why they could not be opened.
     volumes: Result<Volumes, String>,
     /// The container engine, connected on first use (it may start after the daemon).
@@ -84,10 +95,23 @@ enum ClusterState {
 /// gateway and DNS sidecars (or why each could not start).
 struct ClusterRuntime {
     identity: LocalIdentity,
+    mesh: Arc<mesh::MeshRuntime>,
     nats: Arc<NatsSidecar>,
     store: NatsStore,
     journal: Journal<NatsStore>,
-    routing: Vec<(routing::Component, Result<Arc<RoutingSidecar>, String>)>,
+    routing: RoutingSidecars,
+    /// Stops this runtime's membership follower when the runtime is replaced.
+    follower: CancellationToken,
+}
+
+type RoutingSidecars = Vec<(routing::Component, Result<Arc<RoutingSidecar>, String>)>;
+
+/// The processes a member machine runs, up before its store answers.
+#[derive(Clone)]
+struct Sidecars {
+    identity: LocalIdentity,
+    mesh: Arc<mesh::MeshRuntime>,
+    nats: Arc<NatsSidecar>,
 }
 
 impl Daemon {
@@ -123,11 +147,17 @@ impl Daemon {
             started: Instant::now(),
             cluster: RwLock::new(ClusterState::Uninitialized),
             identity_lock: Mutex::new(()),
+            sidecars_lock: Mutex::new(()),
+            mesh_runtime: Mutex::new(None),
+            nats_sidecar: Mutex::new(None),
+            routing: Mutex::new(Vec::new()),
+            me: std::sync::OnceLock::new(),
             volumes,
             containers: Mutex::new(None),
             tasks: TaskTracker::new(),
             shutdown,
         });
+        let _ = daemon.me.set(Arc::downgrade(&daemon));
         if let Some(identity) = identity {
             tracing::info!(machine = %identity.machine_id, network = %identity.network, "member machine: bringing up NATS and the store");
             if let Err(error) = daemon.bring_up(&identity).await {
@@ -212,33 +242,98 @@ impl Daemon {
         }
     }
 
-    /// Adopts or starts NATS for `identity`, connects the store and keeps the
-    /// result as the cluster runtime. Idempotent.
+    /// Brings up the overlay and NATS for `identity`, connects the store and
+    /// keeps the result as the cluster runtime. Idempotent. When the store
+    /// does not answer in time (its cluster has no quorum yet: a machine
+    /// joining, or the first of several machines to come back), the daemon
+    /// stays degraded and keeps connecting in the background.
     async fn bring_up(
         &self,
         identity: &LocalIdentity,
     ) -> Result<Arc<ClusterRuntime>, BringUpError> {
-        let result = self.try_bring_up(identity).await;
-        let mut state = self.cluster.write().await;
-        match &result {
-            Ok(runtime) => *state = ClusterState::Ready(runtime.clone()),
-            Err(error) => {
-                *state = ClusterState::Degraded {
-                    identity: identity.clone(),
-                    reason: error_chain(error),
-                }
-            }
-        }
-        result
+        self.bring_up_within(identity, STORE_CONNECT_TIMEOUT).await
     }
 
-    async fn try_bring_up(
+    async fn bring_up_within(
         &self,
         identity: &LocalIdentity,
+        store_timeout: Duration,
     ) -> Result<Arc<ClusterRuntime>, BringUpError> {
         if let ClusterState::Ready(runtime) = &*self.cluster.read().await {
             return Ok(runtime.clone());
         }
+        let sidecars = match self.bring_up_sidecars(identity).await {
+            Ok(sidecars) => sidecars,
+            Err(error) => {
+                *self.cluster.write().await = ClusterState::Degraded {
+                    identity: identity.clone(),
+                    reason: error_chain(&error),
+                };
+                return Err(error);
+            }
+        };
+        match self.connect_store(&sidecars, store_timeout).await {
+            Ok(runtime) => Ok(runtime),
+            Err(error) => {
+                *self.cluster.write().await = ClusterState::Degraded {
+                    identity: sidecars.identity.clone(),
+                    reason: format!(
+                        "waiting for the store (its cluster may not have a quorum yet): {}",
+                        error_chain(&error)
+                    ),
+                };
+                self.keep_connecting(sidecars);
+                Err(error)
+            }
+        }
+    }
+
+    /// The overlay, then NATS (its cluster port binds the overlay address).
+    async fn bring_up_sidecars(&self, identity: &LocalIdentity) -> Result<Sidecars, BringUpError> {
+        let _guard = self.sidecars_lock.lock().await;
+        let identity = self.with_mesh_identity(identity)?;
+        let mesh_identity = identity
+            .mesh
+            .clone()
+            .expect("with_mesh_identity gives every identity its mesh facts");
+        let existing = self.mesh_runtime.lock().await.clone();
+        let mesh = match existing {
+            Some(mesh) => mesh,
+            None => {
+                let mesh = self.bring_up_mesh(&mesh_identity).await?;
+                *self.mesh_runtime.lock().await = Some(mesh.clone());
+                mesh
+            }
+        };
+        let nats_config = self.nats_config(&identity, &mesh)?;
+        let mut current = self.nats_sidecar.lock().await;
+        let nats = match &*current {
+            Some(nats) if nats.config() == &nats_config => nats.clone(),
+            _ => {
+                let nats = Arc::new(NatsSidecar::ensure(nats_config).await?);
+                tracing::info!(status = ?nats.status(), "NATS sidecar ready");
+                let supervised = nats.clone();
+                let shutdown = self.shutdown.clone();
+                self.tasks
+                    .spawn(async move { supervised.supervise(shutdown).await });
+                *current = Some(nats.clone());
+                nats
+            }
+        };
+        Ok(Sidecars {
+            identity,
+            mesh,
+            nats,
+        })
+    }
+
+    /// What NATS must look like for `identity`: standalone until the machine
+    /// has routes to others, then clustered over the overlay.
+    fn nats_config(
+        &self,
+        identity: &LocalIdentity,
+        mesh: &mesh::MeshRuntime,
+    ) -> Result<NatsSidecarConfig, BringUpError> {
         let mut nats_config = NatsSidecarConfig::new(
             crate::services::nats::find_binary(self.config.nats.binary.as_deref())?,
             self.config.data_dir.join("nats"),
@@ -246,26 +341,106 @@ impl Daemon {
         );
         nats_config.listen = SocketAddr::new(self.config.nats.host, self.config.nats.port);
         nats_config.monitor_port = self.config.nats.monitor_port;
-        let nats = Arc::new(NatsSidecar::ensure(nats_config).await?);
-        tracing::info!(status = ?nats.status(), "NATS sidecar ready");
-        let supervised = nats.clone();
-        let shutdown = self.shutdown.clone();
-        self.tasks
-            .spawn(async move { supervised.supervise(shutdown).await });
+        let routes = identity
+            .mesh
+            .as_ref()
+            .map(|mesh| mesh.routes.clone())
+            .unwrap_or_default();
+        if !routes.is_empty() {
+            nats_config.cluster = Some(NatsClusterConfig {
+                name: identity.cluster_id.clone(),
+                listen: SocketAddr::new(
+                    std::net::IpAddr::V6(mesh.overlay_address()),
+                    self.config.nats.cluster_port,
+                ),
+                routes,
+            });
+        }
+        Ok(nats_config)
+    }
 
-        let mut store_config = NatsStoreConfig::new(nats.client_url());
-        store_config.startup_timeout = STORE_CONNECT_TIMEOUT;
+    /// Connects the store through `sidecars` and makes the runtime ready.
+    async fn connect_store(
+        &self,
+        sidecars: &Sidecars,
+        timeout: Duration,
+    ) -> Result<Arc<ClusterRuntime>, BringUpError> {
+        let mut store_config = NatsStoreConfig::new(sidecars.nats.client_url());
+        store_config.startup_timeout = timeout;
         let store = NatsStore::connect(store_config).await?;
+        let mut state = self.cluster.write().await;
+        if let ClusterState::Ready(runtime) = &*state {
+            return Ok(runtime.clone());
+        }
         let journal = Journal::new(store.clone(), self.runner.clone())
             .with_lease_ttl(self.config.operation_lease_ttl);
-        let routing = self.start_routing(&nats.client_url()).await;
-        Ok(Arc::new(ClusterRuntime {
-            identity: identity.clone(),
-            nats,
+        let follower = self.shutdown.child_token();
+        self.follow_membership(
+            store.clone(),
+            sidecars.mesh.clone(),
+            sidecars.identity.machine_id.clone(),
+            follower.clone(),
+        );
+        let routing = {
+            let mut started = self.routing.lock().await;
+            if started.is_empty() {
+                *started = self.start_routing(&sidecars.nats.client_url()).await;
+            }
+            started.clone()
+        };
+        let runtime = Arc::new(ClusterRuntime {
+            identity: sidecars.identity.clone(),
+            mesh: sidecars.mesh.clone(),
+            nats: sidecars.nats.clone(),
             store,
             journal,
             routing,
-        }))
+            follower,
+        });
+        *state = ClusterState::Ready(runtime.clone());
+        tracing::info!("store connected; the machine is ready");
+        Ok(runtime)
+    }
+
+    /// Retries the store until it answers, then makes the runtime ready.
+    fn keep_connecting(&self, sidecars: Sidecars) {
+        let Some(daemon) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if matches!(&*daemon.cluster.read().await, ClusterState::Ready(_)) {
+                    return;
+                }
+                match daemon.connect_store(&sidecars, Duration::from_secs(5)).await {
+                    Ok(_) => return,
+                    Err(error) => tracing::debug!(error = %error_chain(&error), "store not ready yet"),
+                }
+            }
+        });
+    }
+
+    /// `identity`, given its overlay facts if it was written before the mesh
+    /// existed (such a network has one machine: it takes a fresh prefix and
+    /// its preferred subnet) and saved.
+    fn with_mesh_identity(&self, identity: &LocalIdentity) -> Result<LocalIdentity, BringUpError> {
+        if identity.mesh.is_some() {
+            return Ok(identity.clone());
+        }
+        let mut upgraded = identity.clone();
+        upgraded.mesh = Some(crate::machine::identity::MeshIdentity {
+            prefix: crate::mesh::addressing::OverlayPrefix::generate(),
+            subnet: crate::mesh::addressing::SubnetIndex::preferred_for(&identity.machine_id),
+            routes: Vec::new(),
+        });
+        upgraded.store(&self.config.data_dir)?;
+        tracing::info!("gave this machine's identity its overlay prefix and subnet");
+        Ok(upgraded)
     }
 
     /// Adopts or starts the gateway and DNS, following the store at
@@ -274,7 +449,7 @@ impl Daemon {
     async fn start_routing(
         &self,
         nats_url: &str,
-    ) -> Vec<(routing::Component, Result<Arc<RoutingSidecar>, String>)> {
+    ) -> RoutingSidecars {
         let mut started = Vec::new();
         for component in routing::Component::ALL {
             let ensured = async {
@@ -347,6 +522,10 @@ pub enum StartError {
 /// Why NATS or the store could not be brought up.
 #[derive(Debug, thiserror::Error)]
 pub enum BringUpError {
+    #[error("overlay")]
+    Mesh(#[from] mesh::MeshError),
+    #[error("machine identity")]
+    Identity(#[from] IdentityError),
     #[error("NATS sidecar")]
     Sidecar(#[from] SidecarError),
     #[error("store")]

@@ -2,7 +2,10 @@
 //! precondition is missing, records its steps in the journal, and commits its
 //! result as a durable fact. Errors leave here as [`ApiError`]s.
 
-use std::time::Duration;
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
 use ployz_api::{ApiError, ErrorClass};
 use serde::{Deserialize, Serialize};
@@ -17,7 +20,9 @@ use crate::{
     machine::{
         FoundingError, FoundingPlan, IdentityError, LocalIdentity, MachineRecord, NetworkName,
         NetworkRecord, founding::ensure_membership_records, plan_founding,
+        records::MachineMesh,
     },
+    mesh::addressing::claim_subnet,
     services::SidecarStatus,
     store::{RecordStore, StoreError},
     time::now_unix_ms,
@@ -30,6 +35,8 @@ const OBSERVE_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MeshInitRequest {
     pub network: NetworkName,
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// The result of a `mesh init`, as recorded in the journal.
@@ -40,6 +47,32 @@ pub struct MeshInitResult {
     pub network: String,
     pub cluster_id: String,
     pub machine_id: String,
+    #[serde(default)]
+    pub overlay_address: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub subnet: String,
+    #[serde(default)]
+    pub public_key: String,
+}
+
+/// `ip` or `ip:port` (the WireGuard port by default); empty means unknown.
+fn parse_endpoint(text: &str, default_port: u16) -> Result<Option<SocketAddr>, ApiError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(Some(address));
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(|ip| Some(SocketAddr::new(ip, default_port)))
+        .map_err(|_| {
+            ApiError::new(
+                ErrorClass::Usage,
+                "invalid_endpoint",
+                format!("`{text}` is not an endpoint: give an IP address, optionally with `:port` (IPv6 as `[addr]:port`)"),
+            )
+        })
 }
 
 /// A finished operation and whether this call replayed it.
@@ -73,9 +106,11 @@ impl Daemon {
         &self,
         operation: &str,
         network: &str,
+        endpoint: &str,
     ) -> Result<Finished<MeshInitResult>, ApiError> {
         let operation = OperationId::parse(operation).map_err(journal_error)?;
         let network = NetworkName::parse(network).map_err(identity_error)?;
+        let endpoint = parse_endpoint(endpoint, self.config.mesh.listen_port)?;
         let _identity_guard = self.identity_lock.lock().await;
 
         let local = LocalIdentity::load(&self.config.data_dir).map_err(identity_error)?;
@@ -95,7 +130,7 @@ impl Daemon {
                 // so the operation id stays a fact.
                 let error = founding_error(&mismatch);
                 if let Ok(runtime) = self.runtime().await {
-                    let request = MeshInitRequest { network };
+                    let request = MeshInitRequest { network, endpoint };
                     if let Begin::Run(run) = runtime
                         .journal
                         .begin(&operation, "mesh_init", &request)
@@ -111,7 +146,7 @@ impl Daemon {
 
         let nats_was_up = matches!(&*self.cluster.read().await, ClusterState::Ready(_));
         let runtime = self.bring_up(&identity).await.map_err(bring_up_error)?;
-        let request = MeshInitRequest { network };
+        let request = MeshInitRequest { network, endpoint };
         let mut run = match runtime
             .journal
             .begin(&operation, "mesh_init", &request)
@@ -150,10 +185,37 @@ impl Daemon {
         .await
         .map_err(journal_error)?;
 
+        let identity = runtime.identity.clone();
+        let subnet = runtime.mesh.spec.subnet;
+        match claim_subnet(&runtime.store, runtime.mesh.mesh.prefix, &identity.machine_id, now_unix_ms()).await {
+            Ok(claimed) if claimed == subnet => {}
+            Ok(claimed) => {
+                let api = ApiError::new(
+                    ErrorClass::Conflict,
+                    "subnet_conflict",
+                    format!("the store gives this machine subnet {} but its identity says {}; the store belongs to another network", claimed.base(), subnet.base()),
+                );
+                run.fail(recorded(&api)).await.map_err(journal_error)?;
+                return Err(api);
+            }
+            Err(error) => {
+                let api = ApiError::new(ErrorClass::Unavailable, "subnet_claim", error_chain(&error));
+                run.fail(recorded(&api)).await.map_err(journal_error)?;
+                return Err(api);
+            }
+        }
+        let public_key = runtime.mesh.spec.keys.public_base64();
+        let mesh = MachineMesh {
+            public_key: public_key.clone(),
+            endpoint,
+            subnet: subnet.index(),
+            overlay_address: subnet.machine_address(),
+        };
         let written = match ensure_membership_records(
             &runtime.store,
             &identity,
             &self.hostname,
+            Some(mesh),
             now_unix_ms(),
         )
         .await
@@ -186,6 +248,9 @@ impl Daemon {
             network: identity.network.to_string(),
             cluster_id: identity.cluster_id.clone(),
             machine_id: identity.machine_id.clone(),
+            overlay_address: Some(subnet.machine_address()),
+            subnet: format!("{}/{}", subnet.base(), crate::mesh::addressing::Subnet::PREFIX_LEN),
+            public_key,
         };
         let record = run.succeed(&result).await.map_err(journal_error)?;
         Ok(Finished {
@@ -275,19 +340,18 @@ impl Daemon {
             .list(&MachineRecord::prefix())
             .await
             .map_err(store_error)?;
-        records
+        let records = records
             .iter()
-            .map(|record| {
-                let record: MachineRecord = record.decode().map_err(store_error)?;
-                // Until the mesh exists, the only machine this one can observe is itself.
-                let observed = if record.id == runtime.identity.machine_id {
-                    "self"
-                } else {
-                    "unknown"
-                };
-                Ok(ObservedMachine { record, observed })
-            })
-            .collect()
+            .map(|record| record.decode::<MachineRecord>().map_err(store_error))
+            .collect::<Result<Vec<_>, _>>()?;
+        let observed = self
+            .observe_machines(&records, &runtime.identity.machine_id)
+            .await;
+        Ok(records
+            .into_iter()
+            .zip(observed)
+            .map(|(record, observed)| ObservedMachine { record, observed })
+            .collect())
     }
 
     /// `op ls`.
@@ -324,6 +388,8 @@ impl Daemon {
                 sidecar.stop().await.map_err(failed)?;
             }
             runtime.nats.stop().await.map_err(failed)?;
+            // Last: NATS's routes run over the overlay.
+            runtime.mesh.tunnel.stop().await.map_err(failed)?;
         }
         self.shutdown.cancel();
         Ok(())
@@ -458,13 +524,15 @@ fn founding_error(error: &FoundingError) -> ApiError {
     }
 }
 
-fn bring_up_error(error: BringUpError) -> ApiError {
-    let class = match &error {
-        BringUpError::Store(_) => ErrorClass::Unavailable,
+pub(super) fn bring_up_error(error: BringUpError) -> ApiError {
+    let (class, code) = match &error {
+        BringUpError::Mesh(_) => (ErrorClass::Unavailable, "mesh_unavailable"),
+        BringUpError::Identity(_) => (ErrorClass::Internal, "identity"),
+        BringUpError::Store(_) => (ErrorClass::Unavailable, "nats_unavailable"),
         BringUpError::Sidecar(sidecar) if sidecar.is_precondition() => {
-            ErrorClass::PreconditionFailed
+            (ErrorClass::PreconditionFailed, "nats_unavailable")
         }
-        BringUpError::Sidecar(_) => ErrorClass::Unavailable,
+        BringUpError::Sidecar(_) => (ErrorClass::Unavailable, "nats_unavailable"),
     };
-    ApiError::new(class, "nats_unavailable", error_chain(&error))
+    ApiError::new(class, code, error_chain(&error))
 }

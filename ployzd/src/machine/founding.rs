@@ -6,7 +6,7 @@
 
 use super::{
     identity::{LocalIdentity, NetworkName},
-    records::{MachineRecord, Membership, NetworkRecord},
+    records::{MachineMesh, MachineRecord, Membership, NetworkRecord},
 };
 use crate::store::{RecordStore, StoreError, encode};
 
@@ -56,6 +56,7 @@ pub async fn ensure_membership_records<S: RecordStore>(
     store: &S,
     identity: &LocalIdentity,
     hostname: &str,
+    mesh: Option<MachineMesh>,
     now_unix_ms: u64,
 ) -> Result<RecordsWritten, FoundingError> {
     let network = NetworkRecord {
@@ -63,6 +64,7 @@ pub async fn ensure_membership_records<S: RecordStore>(
         cluster_id: identity.cluster_id.clone(),
         founded_by: identity.machine_id.clone(),
         created_at_unix_ms: now_unix_ms,
+        overlay_prefix: identity.mesh.as_ref().map(|mesh| mesh.prefix),
     };
     let network_written = create_or_check(
         store,
@@ -80,6 +82,7 @@ pub async fn ensure_membership_records<S: RecordStore>(
         network: identity.network.clone(),
         membership: Membership::Active,
         joined_at_unix_ms: now_unix_ms,
+        mesh,
     };
     let machine_written = create_or_check(
         store,
@@ -174,7 +177,7 @@ mod tests {
     async fn records_are_written_once_then_left_alone() {
         let store = MemoryStore::new();
         let identity = LocalIdentity::generate(net("prod"), 1);
-        let first = ensure_membership_records(&store, &identity, "host-a", 10)
+        let first = ensure_membership_records(&store, &identity, "host-a", None, 10)
             .await
             .expect("first");
         assert_eq!(
@@ -184,7 +187,7 @@ mod tests {
                 machine: true
             }
         );
-        let second = ensure_membership_records(&store, &identity, "host-a", 20)
+        let second = ensure_membership_records(&store, &identity, "host-a", None, 20)
             .await
             .expect("second");
         assert!(!second.any());
@@ -206,10 +209,10 @@ mod tests {
         let store = MemoryStore::new();
         let ours = LocalIdentity::generate(net("prod"), 1);
         let theirs = LocalIdentity::generate(net("prod"), 1);
-        ensure_membership_records(&store, &theirs, "host-b", 1)
+        ensure_membership_records(&store, &theirs, "host-b", None, 1)
             .await
             .expect("theirs");
-        let error = ensure_membership_records(&store, &ours, "host-a", 2)
+        let error = ensure_membership_records(&store, &ours, "host-a", None, 2)
             .await
             .expect_err("disagrees");
         assert!(matches!(error, FoundingError::StoreDisagrees { .. }));

@@ -4,10 +4,13 @@
 use std::{
     fmt,
     io::Write,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::mesh::addressing::{OverlayPrefix, SubnetIndex};
 
 /// A network name: 1–63 characters of `[a-z0-9-]`, starting with a letter and
 /// not ending with `-` (it is used in DNS names and store keys).
@@ -55,17 +58,49 @@ pub struct LocalIdentity {
     pub network: NetworkName,
     pub cluster_id: String,
     pub created_at_unix_ms: u64,
+    /// Where this machine sits in the overlay. Kept on disk, not only in the
+    /// store, because the overlay must come up before the store can be
+    /// reached. Absent only in identities written before the mesh existed.
+    #[serde(default)]
+    pub mesh: Option<MeshIdentity>,
+}
+
+/// The overlay facts a machine needs before its store is reachable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshIdentity {
+    pub prefix: OverlayPrefix,
+    pub subnet: SubnetIndex,
+    /// NATS cluster addresses of the members known when this machine
+    /// joined (empty on the founding machine): its server's routes. The
+    /// servers gossip every later member to each other.
+    #[serde(default)]
+    pub routes: Vec<SocketAddr>,
 }
 
 impl LocalIdentity {
-    /// A fresh identity for a machine founding `network`.
+    /// A fresh identity for a machine founding `network`, with a new overlay
+    /// prefix and the subnet this machine prefers (the store is empty, so
+    /// nothing can hold it yet).
     pub fn generate(network: NetworkName, now_unix_ms: u64) -> Self {
+        let machine_id = new_id("m");
+        let subnet = SubnetIndex::preferred_for(&machine_id);
         Self {
-            machine_id: new_id("m"),
+            machine_id,
             network,
             cluster_id: new_id("c"),
             created_at_unix_ms: now_unix_ms,
+            mesh: Some(MeshIdentity {
+                prefix: OverlayPrefix::generate(),
+                subnet,
+                routes: Vec::new(),
+            }),
         }
+    }
+
+    /// A fresh machine id, for a machine about to join a network.
+    pub fn new_machine_id() -> String {
+        new_id("m")
     }
 
     pub fn path(data_dir: &Path) -> PathBuf {

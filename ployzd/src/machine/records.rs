@@ -2,10 +2,15 @@
 //! machine (`machines.<id>`). They record intent; whether a machine is
 //! reachable is observed live and never written here.
 
+use std::net::{Ipv6Addr, SocketAddr};
+
 use serde::{Deserialize, Serialize};
 
 use super::identity::NetworkName;
-use crate::store::{Key, KeyPrefix};
+use crate::{
+    mesh::addressing::{OverlayPrefix, SubnetIndex},
+    store::{Key, KeyPrefix},
+};
 
 /// The network this store belongs to. Written once, by the founding machine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,6 +19,10 @@ pub struct NetworkRecord {
     pub cluster_id: String,
     pub founded_by: String,
     pub created_at_unix_ms: u64,
+    /// The network's overlay prefix; absent only in networks founded before
+    /// the mesh existed (they are given one on their next start).
+    #[serde(default)]
+    pub overlay_prefix: Option<OverlayPrefix>,
 }
 
 impl NetworkRecord {
@@ -26,12 +35,16 @@ impl NetworkRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Membership {
+    /// Admitted by a member (subnet claimed, peer added) but not yet seen
+    /// reachable over the mesh; `machine add` finishes or retries it.
+    Joining,
     Active,
 }
 
 impl Membership {
     pub fn as_str(self) -> &'static str {
         match self {
+            Membership::Joining => "joining",
             Membership::Active => "active",
         }
     }
@@ -45,6 +58,21 @@ pub struct MachineRecord {
     pub network: NetworkName,
     pub membership: Membership,
     pub joined_at_unix_ms: u64,
+    /// How the mesh reaches the machine; absent only on records written
+    /// before the mesh existed.
+    #[serde(default)]
+    pub mesh: Option<MachineMesh>,
+}
+
+/// A member's place in the overlay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineMesh {
+    /// WireGuard public key, base64 as `wg` prints it.
+    pub public_key: String,
+    /// Where its WireGuard listens on the underlay, when known.
+    pub endpoint: Option<SocketAddr>,
+    pub subnet: SubnetIndex,
+    pub overlay_address: Ipv6Addr,
 }
 
 impl MachineRecord {

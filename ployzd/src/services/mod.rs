@@ -1,5 +1,5 @@
 //! services: long-lived sidecar processes of the data plane (nats-server, the
-//! gateway and DNS) and their adopt-first lifecycle: inspect what already
+//! gateway, DNS and the WireGuard tunnel) and their adopt-first lifecycle: inspect what already
 //! runs, compare its identity with the full expected specification, adopt a
 //! match untouched, recreate what is missing or drifted, and report which it was.
 //! Sidecars run in their own sessions so they outlive ployzd. This module owns
@@ -10,6 +10,7 @@ pub mod nats;
 mod process;
 pub mod routing;
 mod sidecar;
+pub mod tunnel;
 
 use std::{fmt, io, net::SocketAddr, path::PathBuf, time::Duration};
 

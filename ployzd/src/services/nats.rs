@@ -78,6 +78,9 @@ pub struct NatsSidecarConfig {
     pub listen: SocketAddr,
     /// HTTP monitoring port on the listen host; `None` disables monitoring.
     pub monitor_port: Option<u16>,
+    /// JetStream clustering with other machines' servers; `None` runs a
+    /// standalone server (a network of one machine).
+    pub cluster: Option<NatsClusterConfig>,
     /// How long a started or adopted server may take to answer on its client port.
     pub start_timeout: Duration,
     /// How long a stopping server gets between SIGTERM and SIGKILL.
@@ -94,10 +97,25 @@ impl NatsSidecarConfig {
             server_name: server_name.into(),
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_CLIENT_PORT),
             monitor_port: None,
+            cluster: None,
             start_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(10),
         }
     }
+}
+
+/// A server's place in a JetStream cluster. JetStream cannot run clustered
+/// alone (nats-server refuses a cluster without routes, and a server that
+/// only routes to itself waits for a peer forever), so a machine runs
+/// standalone until a second machine joins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsClusterConfig {
+    /// The cluster name, the same on every server.
+    pub name: String,
+    /// Where this server accepts routes: the machine's overlay address.
+    pub listen: SocketAddr,
+    /// Other servers to route to; they tell each other about the rest.
+    pub routes: Vec<SocketAddr>,
 }
 
 /// Finds the nats-server executable: `configured` if given (it must be an
@@ -303,6 +321,38 @@ fn render(config: &NatsSidecarConfig, files: &NatsFiles) -> Result<String, Sidec
     ));
     text.push_str("  sync_interval: always\n");
     text.push_str("}\n");
+    if let Some(cluster) = &config.cluster {
+        if cluster.listen.port() == 0 {
+            return Err(SidecarError::InvalidConfig {
+                field: "cluster.listen",
+                reason: "needs a fixed port: other machines route to it".to_owned(),
+            });
+        }
+        let mut routes: Vec<SocketAddr> = cluster
+            .routes
+            .iter()
+            .copied()
+            .filter(|route| *route != cluster.listen)
+            .collect();
+        routes.sort();
+        routes.dedup();
+        text.push_str(
+            "\n# Routes run over the overlay only: the listen address is this machine's\n\
+             # overlay address, so nothing of the store is reachable from the underlay.\n",
+        );
+        text.push_str("cluster {\n");
+        text.push_str(&format!("  name: {}\n", quoted("cluster.name", &cluster.name)?));
+        text.push_str(&format!(
+            "  listen: {}\n",
+            quoted("cluster.listen", &cluster.listen.to_string())?
+        ));
+        text.push_str("  routes: [\n");
+        for route in routes {
+            text.push_str(&format!("    \"nats-route://{route}\"\n"));
+        }
+        text.push_str("  ]\n");
+        text.push_str("}\n");
+    }
     Ok(text)
 }
 
@@ -535,6 +585,17 @@ mod tests {
                 binary: PathBuf::from("/usr/bin/nats-server"),
                 ..config()
             },
+            NatsSidecarConfig {
+                cluster: Some(cluster()),
+                ..config()
+            },
+            NatsSidecarConfig {
+                cluster: Some(NatsClusterConfig {
+                    routes: vec!["[fd00::3:0:0:0:1]:4723".parse().expect("route")],
+                    ..cluster()
+                }),
+                ..config()
+            },
         ];
         for changed in changes {
             assert_ne!(hash_of(changed.clone()), base, "{changed:?}");
@@ -546,6 +607,39 @@ mod tests {
             ..config()
         };
         assert_eq!(hash_of(timeouts), base);
+    }
+
+    fn cluster() -> NatsClusterConfig {
+        NatsClusterConfig {
+            name: "c-0123".into(),
+            listen: "[fd00::1:0:0:0:1]:4723".parse().expect("listen"),
+            routes: vec![
+                "[fd00::2:0:0:0:1]:4723".parse().expect("route"),
+                "[fd00::1:0:0:0:1]:4723".parse().expect("route"),
+                "[fd00::2:0:0:0:1]:4723".parse().expect("route"),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_cluster_block_routes_over_the_overlay_to_others_only() {
+        let plain = NatsKind::new(config()).expect("valid").rendered;
+        assert!(!plain.contains("cluster"), "{plain}");
+        let clustered = NatsKind::new(NatsSidecarConfig {
+            cluster: Some(cluster()),
+            ..config()
+        })
+        .expect("valid")
+        .rendered;
+        assert!(clustered.starts_with(&plain), "the standalone part is unchanged");
+        assert!(clustered.contains("  name: \"c-0123\"\n"), "{clustered}");
+        assert!(clustered.contains("  listen: \"[fd00::1:0:0:0:1]:4723\"\n"), "{clustered}");
+        assert_eq!(
+            clustered.matches("nats-route://").count(),
+            1,
+            "itself excluded, duplicates merged: {clustered}"
+        );
+        assert!(clustered.contains("\"nats-route://[fd00::2:0:0:0:1]:4723\""), "{clustered}");
     }
 
     #[test]

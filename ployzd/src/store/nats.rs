@@ -42,6 +42,8 @@ const KV_OPERATION_HEADER: &str = "KV-Operation";
 const SCAN_CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 /// Most messages asked for in one pull request while scanning.
 const SCAN_BATCH: usize = 1024;
+/// How many times a list or read tries before giving up on a transient failure.
+const SCAN_ATTEMPTS: u32 = 5;
 /// How many times `create` retries after losing a race against a delete.
 const CREATE_ATTEMPTS: usize = 8;
 
@@ -201,6 +203,114 @@ impl NatsStore {
         Ok(start.elapsed())
     }
 
+    /// How many copies JetStream keeps of the records (the bucket's stream).
+    pub async fn replicas(&self) -> Result<usize, StoreError> {
+        let name = self.inner.kv.stream.cached_info().config.name.clone();
+        let stream = self
+            .inner
+            .jetstream
+            .get_stream(&name)
+            .await
+            .map_err(|source| store_error(format!("cannot read stream `{name}`"), source))?;
+        Ok(stream.cached_info().config.num_replicas)
+    }
+
+    /// Keeps `replicas` copies of the records and of the event log. Fails
+    /// (retryably) while the cluster has fewer servers than that.
+    pub async fn set_replicas(&self, replicas: usize) -> Result<(), StoreError> {
+        let names = [
+            self.inner.kv.stream.cached_info().config.name.clone(),
+            self.inner.events.cached_info().config.name.clone(),
+        ];
+        for name in names {
+            let what = || format!("cannot set stream `{name}` to {replicas} replicas");
+            let stream = self
+                .inner
+                .jetstream
+                .get_stream(&name)
+                .await
+                .map_err(|source| store_error(what(), source))?;
+            let mut config = stream.cached_info().config.clone();
+            if config.num_replicas == replicas {
+                continue;
+            }
+            config.num_replicas = replicas;
+            self.inner
+                .jetstream
+                .update_stream(config)
+                .await
+                .map_err(|source| StoreError::Unavailable {
+                    context: what(),
+                    source: Some(Box::new(source)),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Everything the store holds: each record's current value and every
+    /// event, in order. For moving the store into a new JetStream (a machine
+    /// whose server becomes clustered starts with an empty one).
+    pub async fn export(&self) -> Result<StoreExport, StoreError> {
+        let kv = &self.inner.kv;
+        let messages = self
+            .scan(
+                &kv.stream,
+                vec![format!("{}>", kv.prefix)],
+                DeliverPolicy::LastPerSubject,
+                usize::MAX,
+            )
+            .await?;
+        let mut records = BTreeMap::new();
+        for message in messages {
+            let Some(name) = message.subject.as_str().strip_prefix(kv.prefix.as_str()) else {
+                continue;
+            };
+            if is_delete(message.headers.as_ref()) {
+                records.remove(name);
+            } else {
+                records.insert(name.to_owned(), message.payload.to_vec());
+            }
+        }
+        let events = self
+            .scan(
+                &self.inner.events,
+                vec![format!("{}>", self.inner.events_prefix)],
+                DeliverPolicy::All,
+                usize::MAX,
+            )
+            .await?
+            .into_iter()
+            .map(|message| (message.subject.to_string(), message.payload.to_vec()))
+            .collect();
+        Ok(StoreExport {
+            records: records.into_iter().collect(),
+            events,
+        })
+    }
+
+    /// Writes an [`export`](Self::export) into this store: records put,
+    /// events appended in their order. Revisions and sequences are new.
+    pub async fn import(&self, export: &StoreExport) -> Result<(), StoreError> {
+        for (key, value) in &export.records {
+            self.inner
+                .kv
+                .put(key.as_str(), Bytes::from(value.clone()))
+                .await
+                .map_err(|source| store_error(format!("cannot import record `{key}`"), source))?;
+        }
+        for (subject, payload) in &export.events {
+            let what = || format!("cannot import event on `{subject}`");
+            self.inner
+                .jetstream
+                .publish(subject.clone(), Bytes::from(payload.clone()))
+                .await
+                .map_err(|source| store_error(what(), source))?
+                .await
+                .map_err(|source| store_error(what(), source))?;
+        }
+        Ok(())
+    }
+
     /// The version of the NATS server this store is connected to.
     pub fn server_version(&self) -> String {
         self.inner.client.server_info().version
@@ -250,10 +360,36 @@ impl NatsStore {
             })
     }
 
+    /// [`Self::scan_once`], retried a few times on transient failures: right
+    /// after a stream moved or changed its replicas, a new consumer's first
+    /// pull can find no responder on another server until interest spreads.
+    async fn scan(
+        &self,
+        stream: &stream::Stream,
+        subjects: Vec<String>,
+        deliver_policy: DeliverPolicy,
+        limit: usize,
+    ) -> Result<Vec<jetstream::Message>, StoreError> {
+        let mut attempt = 1;
+        loop {
+            match self
+                .scan_once(stream, subjects.clone(), deliver_policy, limit)
+                .await
+            {
+                Err(error) if error.is_retryable() && attempt < SCAN_ATTEMPTS => {
+                    tracing::debug!(attempt, error = %error_chain(&error), "scan failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Creates a consumer over `subjects` and pulls what it has pending when it
     /// is created, at most `limit` messages. Ends when the backlog is delivered,
     /// never waits for new messages.
-    async fn scan(
+    async fn scan_once(
         &self,
         stream: &stream::Stream,
         subjects: Vec<String>,
@@ -309,6 +445,15 @@ impl NatsStore {
             source: Some(Box::new(elapsed)),
         })?
     }
+}
+
+/// A copy of everything a store holds; see [`NatsStore::export`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreExport {
+    /// Key and current value of every record.
+    pub records: Vec<(String, Vec<u8>)>,
+    /// Subject and payload of every event, oldest first.
+    pub events: Vec<(String, Vec<u8>)>,
 }
 
 /// Opens the bucket, creating it when absent.

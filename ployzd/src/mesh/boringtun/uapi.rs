@@ -15,7 +15,7 @@ pub const ERRNO_INVALID: i32 = -22;
 pub const ERRNO_IO: i32 = -5;
 
 /// A 32-byte Curve25519 key or preshared key, written as 64 hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key(pub [u8; 32]);
 
 impl Key {

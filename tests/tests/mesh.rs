@@ -1,0 +1,310 @@
+//! The mesh across real hosts: network namespaces made by the cluster harness,
+//! each with its own sshd and Docker engine. A cluster is built only with
+//! `ployzctl mesh init` and `ployzctl machine add` over SSH; then the overlay,
+//! membership, the replicated store and the failure paths are checked the way
+//! an operator would: `ping`, `machine ls`, `wg show`, and killing things.
+//! Needs root and Docker.
+
+use std::{
+    process::{Output, Stdio},
+    time::{Duration, SystemTime},
+};
+
+use ployz_tests::{
+    binary,
+    cluster::{Cluster, Host},
+    wait_until,
+};
+use serde_json::Value;
+
+const NETWORK: &str = "mesh-e2e";
+/// The overlay interface ployzd creates on every host (the default).
+const INTERFACE: &str = "ployz0";
+
+fn describe(output: &Output) -> String {
+    format!(
+        "{}\nstdout:\n{}stderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs this build's `ployzctl` on `host` (its environment names the host's
+/// daemon socket and data dir).
+fn ployzctl(host: &Host, args: &[&str]) -> Output {
+    host.command(&binary("ployzctl").display().to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ployzctl")
+}
+
+/// `ployzctl --json ARGS` on `host`; must succeed.
+fn ployzctl_json(host: &Host, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let output = ployzctl(host, &all);
+    assert!(
+        output.status.success(),
+        "ployzctl {args:?} on {} failed: {}",
+        host.name(),
+        describe(&output)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!("ployzctl {args:?} printed no JSON ({error}): {}", describe(&output))
+    })
+}
+
+/// `ployzctl --json ARGS` on `host`; must fail; returns the error object.
+fn ployzctl_error(host: &Host, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let output = ployzctl(host, &all);
+    assert!(
+        !output.status.success(),
+        "ployzctl {args:?} on {} should have failed: {}",
+        host.name(),
+        describe(&output)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stderr.lines().last().unwrap_or_default();
+    let value: Value = serde_json::from_str(line)
+        .unwrap_or_else(|error| panic!("no JSON error ({error}): {}", describe(&output)));
+    value["error"].clone()
+}
+
+fn machine_add(cluster: &Cluster, from: &Host, targets: &[&Host], key: &str) -> Output {
+    let target_args: Vec<String> = targets
+        .iter()
+        .map(|host| format!("root@{}", host.address()))
+        .collect();
+    let mut args = vec![
+        "--json",
+        "machine",
+        "add",
+        "--network",
+        NETWORK,
+        "--identity",
+        key,
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "--timeout",
+        "90s",
+    ];
+    args.extend(target_args.iter().map(String::as_str));
+    let _ = cluster;
+    ployzctl(from, &args)
+}
+
+fn overlay_address(host: &Host) -> String {
+    let status = ployzctl_json(host, &["mesh", "status"]);
+    status["overlay_address"]
+        .as_str()
+        .expect("overlay address")
+        .to_owned()
+}
+
+fn pings(from: &Host, address: &str) -> bool {
+    from.exec(&["ping", "-6", "-c", "1", "-W", "2", address])
+        .status
+        .success()
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
+}
+
+fn start_daemon(host: &Host) {
+    ployzctl_json(
+        host,
+        &[
+            "daemon",
+            "install",
+            "--runtime",
+            "host",
+            "--service-mode",
+            "user",
+        ],
+    );
+}
+
+#[test]
+fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
+    let cluster = Cluster::builder()
+        .hosts(4)
+        .docker(true)
+        .without_tun(3)
+        .build()
+        .expect("build a 4-host cluster");
+    let [one, two, three, no_tun] = cluster.hosts() else {
+        panic!("four hosts");
+    };
+    let key = cluster.ssh_key().display().to_string();
+
+    // Found the network on machine 1, then add 2 and 3 over SSH.
+    start_daemon(one);
+    let init = ployzctl_json(one, &["mesh", "init", NETWORK]);
+    assert_eq!(init["outcome"], "created");
+    let added = machine_add(&cluster, one, &[two, three], &key);
+    assert!(added.status.success(), "machine add: {}", describe(&added));
+    let results: Value = serde_json::from_slice(&added.stdout).expect("machine add JSON");
+    let results = results.as_array().expect("one result per target");
+    assert_eq!(results.len(), 2);
+    for result in results {
+        assert_eq!(result["outcome"], "added", "{result}");
+        assert!(result["overlay_address"].as_str().is_some_and(|a| a.starts_with("fd")));
+        assert!(result["handshake_unix_ms"].as_u64().is_some_and(|at| at > 0));
+    }
+    assert_eq!(results[1]["store_servers"], 3);
+    assert_eq!(results[1]["store_replicas"], 3);
+
+    // Every machine pings every other's overlay address.
+    let addresses: Vec<(&Host, String)> =
+        [one, two, three].into_iter().map(|h| (h, overlay_address(h))).collect();
+    for (from, _) in &addresses {
+        for (to, address) in &addresses {
+            if from.name() != to.name() {
+                wait_until(Duration::from_secs(10), "an overlay ping answer", || {
+                    pings(from, address)
+                })
+                .unwrap_or_else(|_| {
+                    panic!("{} cannot ping {} at {address}", from.name(), to.name())
+                });
+            }
+        }
+    }
+
+    // `machine ls` on each shows all three active and reachable.
+    for (host, _) in &addresses {
+        let listed = ployzctl_json(host, &["machine", "ls"]);
+        let machines = listed["machines"].as_array().expect("machines");
+        assert_eq!(machines.len(), 3, "{listed}");
+        for machine in machines {
+            assert_eq!(machine["membership"], "active", "{listed}");
+            assert!(
+                machine["observed"] == "self" || machine["observed"] == "reachable",
+                "{listed}"
+            );
+        }
+    }
+
+    // `wg show` (wireguard-tools) on machine 1: two peers, recent handshakes.
+    let peers = one.wg_peers(INTERFACE).expect("wg show on machine 1");
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    for peer in &peers {
+        assert!(
+            now_unix().saturating_sub(peer.latest_handshake_unix) < 120,
+            "stale handshake: {peer:?}"
+        );
+        assert!(peer.rx_bytes > 0 && peer.tx_bytes > 0, "{peer:?}");
+    }
+
+    // A second add of a member is a no-op that says so.
+    let again = machine_add(&cluster, one, &[two], &key);
+    assert!(again.status.success(), "{}", describe(&again));
+    let again: Value = serde_json::from_slice(&again.stdout).expect("JSON");
+    assert_eq!(again[0]["outcome"], "already_member", "{again}");
+
+    // Bad targets: typed errors naming the step; nothing half-joined.
+    let unreachable = cluster.unreachable_address().to_string();
+    let error = ployzctl_error(
+        one,
+        &[
+            "machine", "add", "--network", NETWORK, "-i", &key, "-o",
+            "ConnectTimeout=2", "-o", "StrictHostKeyChecking=no", "-o",
+            "UserKnownHostsFile=/dev/null", &format!("root@{unreachable}"),
+        ],
+    );
+    assert_eq!(error["code"], "ssh_unreachable", "{error}");
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("step connect")), "{error}");
+
+    let wrong_key = cluster.wrong_ssh_key().display().to_string();
+    let error = ployzctl_error(
+        one,
+        &[
+            "machine", "add", "--network", NETWORK, "-i", &wrong_key, "-o",
+            "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            &format!("root@{}", no_tun.address()),
+        ],
+    );
+    assert_eq!(error["code"], "ssh_auth_failed", "{error}");
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("step connect")), "{error}");
+
+    let error = ployzctl_error(
+        one,
+        &[
+            "machine", "add", "--network", NETWORK, "-i", &key, "-o",
+            "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            &format!("root@{}", no_tun.address()),
+        ],
+    );
+    assert_eq!(error["code"], "no_tun", "{error}");
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("step preflight")), "{error}");
+    assert!(
+        !no_tun.ployz_dir().join("bin/ployzd").exists(),
+        "a failed preflight installs nothing"
+    );
+    let listed = ployzctl_json(one, &["machine", "ls"]);
+    assert_eq!(listed["machines"].as_array().map(Vec::len), Some(3), "{listed}");
+
+    // Restart ployzd on machine 2 while it pings machine 1: no packet lost.
+    let target = &addresses[0].1;
+    let ping = two
+        .command("ping")
+        .args(["-6", "-i", "0.05", "-c", "120", "-W", "1", target])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ping");
+    std::thread::sleep(Duration::from_millis(500));
+    // The binaries `machine add` installed there: the restarted daemon must
+    // find the same tunnel and NATS binaries to adopt them.
+    let installed = two.ployz_dir().join("bin/ployzctl").display().to_string();
+    for args in [
+        &["--json", "daemon", "stop"][..],
+        &["--json", "daemon", "install", "--runtime", "host", "--service-mode", "user"][..],
+    ] {
+        let output = two.command(&installed).args(args).stdin(Stdio::null()).output().expect("run ployzctl");
+        assert!(output.status.success(), "{args:?}: {}", describe(&output));
+    }
+    let ping = ping.wait_with_output().expect("ping finishes");
+    let report = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        report.contains(" 0% packet loss"),
+        "packets lost across a ployzd restart: {report}"
+    );
+    let status = ployzctl_json(two, &["status"]);
+    assert_eq!(status["cluster"]["network"], NETWORK, "{status}");
+
+    // Lose machine 3 entirely: the store stays writable from 1 and 2, and
+    // `machine ls` observes 3 unreachable while its record still says active.
+    cluster.cut(three).expect("cut machine 3 off the underlay");
+    for host in [one, two] {
+        // A `mesh init` of the same network is a recorded no-op: the
+        // operation journal writes to the store.
+        let write = ployzctl_json(host, &["mesh", "init", NETWORK]);
+        assert_eq!(write["outcome"], "already_initialized", "{write}");
+        let listed = ployzctl_json(host, &["machine", "ls"]);
+        let lost = listed["machines"]
+            .as_array()
+            .and_then(|machines| machines.iter().find(|m| m["hostname"] == three.name()).cloned())
+            .or_else(|| {
+                let id = &results[1]["machine_id"];
+                listed["machines"]
+                    .as_array()
+                    .and_then(|machines| machines.iter().find(|m| &m["id"] == id).cloned())
+            })
+            .expect("machine 3 is still listed");
+        assert_eq!(lost["membership"], "active", "{listed}");
+        assert_eq!(lost["observed"], "unreachable", "{listed}");
+    }
+}
