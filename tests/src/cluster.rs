@@ -815,7 +815,10 @@ pub fn parse_wg_dump(dump: &str) -> Result<Vec<WgPeer>> {
         .filter(|line| !line.trim().is_empty())
         .map(|line| {
             let fields: Vec<&str> = line.split('\t').collect();
-            ensure!(fields.len() >= 8, "a wg dump peer line has 8 fields: {line:?}");
+            ensure!(
+                fields.len() >= 8,
+                "a wg dump peer line has 8 fields: {line:?}"
+            );
             let number = |index: usize| -> Result<u64> {
                 fields[index]
                     .parse()
@@ -1039,10 +1042,16 @@ fn keep_logs(from: &Path, to: &Path) {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let Ok(kind) = entry.file_type() else { continue };
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
         if kind.is_dir() && entry.file_name() != "docker" {
             keep_logs(&path, &to.join(entry.file_name()));
-        } else if kind.is_file() && path.extension().is_some_and(|ext| ext == "log" || ext == "json" || ext == "conf") {
+        } else if kind.is_file()
+            && path
+                .extension()
+                .is_some_and(|ext| ext == "log" || ext == "json" || ext == "conf")
+        {
             let _ = fs::create_dir_all(to);
             let _ = fs::copy(&path, to.join(entry.file_name()));
         }

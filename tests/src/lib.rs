@@ -158,7 +158,10 @@ impl Node {
             .env("PLOYZ_MESH_INTERFACE", &self.mesh_interface)
             .env("PLOYZ_MESH_PORT", self.mesh_port.to_string())
             .env("PLOYZ_MESH_UAPI_DIR", self.dir.path().join("wireguard"))
-            .env("PLOYZ_NATS_CLUSTER_PORT", self.nats_cluster_port.to_string())
+            .env(
+                "PLOYZ_NATS_CLUSTER_PORT",
+                self.nats_cluster_port.to_string(),
+            )
             .output()
             .expect("run ployzctl");
         Run::from_output(output, started.elapsed())

@@ -52,7 +52,10 @@ fn ployzctl_json(host: &Host, args: &[&str]) -> Value {
         describe(&output)
     );
     serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-        panic!("ployzctl {args:?} printed no JSON ({error}): {}", describe(&output))
+        panic!(
+            "ployzctl {args:?} printed no JSON ({error}): {}",
+            describe(&output)
+        )
     })
 }
 
@@ -160,15 +163,25 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     assert_eq!(results.len(), 2);
     for result in results {
         assert_eq!(result["outcome"], "added", "{result}");
-        assert!(result["overlay_address"].as_str().is_some_and(|a| a.starts_with("fd")));
-        assert!(result["handshake_unix_ms"].as_u64().is_some_and(|at| at > 0));
+        assert!(
+            result["overlay_address"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("fd"))
+        );
+        assert!(
+            result["handshake_unix_ms"]
+                .as_u64()
+                .is_some_and(|at| at > 0)
+        );
     }
     assert_eq!(results[1]["store_servers"], 3);
     assert_eq!(results[1]["store_replicas"], 3);
 
     // Every machine pings every other's overlay address.
-    let addresses: Vec<(&Host, String)> =
-        [one, two, three].into_iter().map(|h| (h, overlay_address(h))).collect();
+    let addresses: Vec<(&Host, String)> = [one, two, three]
+        .into_iter()
+        .map(|h| (h, overlay_address(h)))
+        .collect();
     for (from, _) in &addresses {
         for (to, address) in &addresses {
             if from.name() != to.name() {
@@ -218,42 +231,87 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     let error = ployzctl_error(
         one,
         &[
-            "machine", "add", "--network", NETWORK, "-i", &key, "-o",
-            "ConnectTimeout=2", "-o", "StrictHostKeyChecking=no", "-o",
-            "UserKnownHostsFile=/dev/null", &format!("root@{unreachable}"),
+            "machine",
+            "add",
+            "--network",
+            NETWORK,
+            "-i",
+            &key,
+            "-o",
+            "ConnectTimeout=2",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            &format!("root@{unreachable}"),
         ],
     );
     assert_eq!(error["code"], "ssh_unreachable", "{error}");
-    assert!(error["message"].as_str().is_some_and(|m| m.contains("step connect")), "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("step connect")),
+        "{error}"
+    );
 
     let wrong_key = cluster.wrong_ssh_key().display().to_string();
     let error = ployzctl_error(
         one,
         &[
-            "machine", "add", "--network", NETWORK, "-i", &wrong_key, "-o",
-            "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "machine",
+            "add",
+            "--network",
+            NETWORK,
+            "-i",
+            &wrong_key,
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
             &format!("root@{}", no_tun.address()),
         ],
     );
     assert_eq!(error["code"], "ssh_auth_failed", "{error}");
-    assert!(error["message"].as_str().is_some_and(|m| m.contains("step connect")), "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("step connect")),
+        "{error}"
+    );
 
     let error = ployzctl_error(
         one,
         &[
-            "machine", "add", "--network", NETWORK, "-i", &key, "-o",
-            "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "machine",
+            "add",
+            "--network",
+            NETWORK,
+            "-i",
+            &key,
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
             &format!("root@{}", no_tun.address()),
         ],
     );
     assert_eq!(error["code"], "no_tun", "{error}");
-    assert!(error["message"].as_str().is_some_and(|m| m.contains("step preflight")), "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("step preflight")),
+        "{error}"
+    );
     assert!(
         !no_tun.ployz_dir().join("bin/ployzd").exists(),
         "a failed preflight installs nothing"
     );
     let listed = ployzctl_json(one, &["machine", "ls"]);
-    assert_eq!(listed["machines"].as_array().map(Vec::len), Some(3), "{listed}");
+    assert_eq!(
+        listed["machines"].as_array().map(Vec::len),
+        Some(3),
+        "{listed}"
+    );
 
     // Restart ployzd on machine 2 while it pings machine 1: no packet lost.
     let target = &addresses[0].1;
@@ -271,9 +329,22 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     let installed = two.ployz_dir().join("bin/ployzctl").display().to_string();
     for args in [
         &["--json", "daemon", "stop"][..],
-        &["--json", "daemon", "install", "--runtime", "host", "--service-mode", "user"][..],
+        &[
+            "--json",
+            "daemon",
+            "install",
+            "--runtime",
+            "host",
+            "--service-mode",
+            "user",
+        ][..],
     ] {
-        let output = two.command(&installed).args(args).stdin(Stdio::null()).output().expect("run ployzctl");
+        let output = two
+            .command(&installed)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ployzctl");
         assert!(output.status.success(), "{args:?}: {}", describe(&output));
     }
     let ping = ping.wait_with_output().expect("ping finishes");
@@ -293,17 +364,24 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         // operation journal writes to the store.
         let write = ployzctl_json(host, &["mesh", "init", NETWORK]);
         assert_eq!(write["outcome"], "already_initialized", "{write}");
-        let listed = ployzctl_json(host, &["machine", "ls"]);
-        let lost = listed["machines"]
-            .as_array()
-            .and_then(|machines| machines.iter().find(|m| m["hostname"] == three.name()).cloned())
-            .or_else(|| {
-                let id = &results[1]["machine_id"];
-                listed["machines"]
-                    .as_array()
-                    .and_then(|machines| machines.iter().find(|m| &m["id"] == id).cloned())
-            })
-            .expect("machine 3 is still listed");
+        // The store may take a few seconds to replace a leader it lost; the
+        // observation itself is made at the time of asking.
+        let lost_id = results[1]["machine_id"].clone();
+        let mut listed = Value::Null;
+        let mut lost = Value::Null;
+        let _ = wait_until(Duration::from_secs(45), "machine ls to answer", || {
+            let output = ployzctl(host, &["--json", "machine", "ls"]);
+            if !output.status.success() {
+                return false;
+            }
+            listed = serde_json::from_slice(&output.stdout).unwrap_or_default();
+            lost = listed["machines"]
+                .as_array()
+                .and_then(|machines| machines.iter().find(|m| m["id"] == lost_id).cloned())
+                .unwrap_or_default();
+            true
+        });
+        assert!(lost.is_object(), "machine 3 is still listed: {listed}");
         assert_eq!(lost["membership"], "active", "{listed}");
         assert_eq!(lost["observed"], "unreachable", "{listed}");
     }

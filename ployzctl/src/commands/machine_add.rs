@@ -279,7 +279,9 @@ fn parse_probe(text: &str) -> Probe {
             "docker_socket" => probe.docker_socket = value.to_owned(),
             "bin_dir" => probe.bin_dir = value.to_owned(),
             "udp_port" => probe.udp_ports.extend(u16::from_str_radix(value, 16).ok()),
-            "tcp_listen" => probe.tcp_listen_ports.extend(u16::from_str_radix(value, 16).ok()),
+            "tcp_listen" => probe
+                .tcp_listen_ports
+                .extend(u16::from_str_radix(value, 16).ok()),
             "sha256" => {
                 let mut parts = value.split_whitespace();
                 if let (Some(sum), Some(name)) = (parts.next(), parts.next()) {
@@ -326,28 +328,62 @@ impl Adder<'_> {
                 "connect",
                 ErrorClass::PreconditionFailed,
                 "ssh_no_connection_info",
-                "the SSH session did not report SSH_CONNECTION; is the login shell a POSIX shell?".to_owned(),
+                "the SSH session did not report SSH_CONNECTION; is the login shell a POSIX shell?"
+                    .to_owned(),
             ));
         };
 
         self.step("preflight", &format!("{} {}", probe.os, probe.kernel));
         if probe.os != "Linux" {
-            return Err(step_error("preflight", ErrorClass::PreconditionFailed, "unsupported_os", format!("the host runs `{}`; Ployz machines run Linux", probe.os)));
+            return Err(step_error(
+                "preflight",
+                ErrorClass::PreconditionFailed,
+                "unsupported_os",
+                format!("the host runs `{}`; Ployz machines run Linux", probe.os),
+            ));
         }
         if probe.uid != "0" {
-            return Err(step_error("preflight", ErrorClass::PreconditionFailed, "not_root", format!("logged in as uid {}; the tunnel and containers need root: log in as root", probe.uid)));
+            return Err(step_error(
+                "preflight",
+                ErrorClass::PreconditionFailed,
+                "not_root",
+                format!(
+                    "logged in as uid {}; the tunnel and containers need root: log in as root",
+                    probe.uid
+                ),
+            ));
         }
         if !probe.tun {
             return Err(step_error("preflight", ErrorClass::PreconditionFailed, "no_tun", "the host has no usable TUN device (/dev/net/tun); load the `tun` module or give the host /dev/net/tun".to_owned()));
         }
         if !probe.docker {
-            return Err(step_error("preflight", ErrorClass::PreconditionFailed, "no_docker", format!("no Docker engine socket at {}; install and start Docker", probe.docker_socket)));
+            return Err(step_error(
+                "preflight",
+                ErrorClass::PreconditionFailed,
+                "no_docker",
+                format!(
+                    "no Docker engine socket at {}; install and start Docker",
+                    probe.docker_socket
+                ),
+            ));
         }
-        let bin_dir = if probe.bin_dir.is_empty() { DEFAULT_BIN_DIR.to_owned() } else { probe.bin_dir.clone() };
+        let bin_dir = if probe.bin_dir.is_empty() {
+            DEFAULT_BIN_DIR.to_owned()
+        } else {
+            probe.bin_dir.clone()
+        };
         let state = self.remote_prepare_state(&bin_dir).await;
         if let Some(prepared) = &state {
             if prepared.state == "other" {
-                return Err(step_error("preflight", ErrorClass::PreconditionFailed, "other_network", format!("the host is already machine {} of network `{}`; remove it there first", prepared.machine_id, prepared.network)));
+                return Err(step_error(
+                    "preflight",
+                    ErrorClass::PreconditionFailed,
+                    "other_network",
+                    format!(
+                        "the host is already machine {} of network `{}`; remove it there first",
+                        prepared.machine_id, prepared.network
+                    ),
+                ));
             }
         } else {
             // No ployzd answers there: the ports must be free for ours.
@@ -355,28 +391,53 @@ impl Adder<'_> {
                 .iter()
                 .filter(|port| probe.udp_ports.contains(port))
                 .map(|port| format!("udp/{port}"))
-                .chain(TCP_PORTS.iter().filter(|port| probe.tcp_listen_ports.contains(port)).map(|port| format!("tcp/{port}")))
+                .chain(
+                    TCP_PORTS
+                        .iter()
+                        .filter(|port| probe.tcp_listen_ports.contains(port))
+                        .map(|port| format!("tcp/{port}")),
+                )
                 .collect();
             if !busy.is_empty() {
-                return Err(step_error("preflight", ErrorClass::PreconditionFailed, "port_busy", format!("ports Ployz needs are in use on the host: {}", busy.join(", "))));
+                return Err(step_error(
+                    "preflight",
+                    ErrorClass::PreconditionFailed,
+                    "port_busy",
+                    format!(
+                        "ports Ployz needs are in use on the host: {}",
+                        busy.join(", ")
+                    ),
+                ));
             }
         }
 
         // Install what differs.
         let mut installed = Vec::new();
         for binary in binaries {
-            let current = probe.checksums.iter().find(|(name, _)| name == binary.name).map(|(_, sum)| sum.as_str());
+            let current = probe
+                .checksums
+                .iter()
+                .find(|(name, _)| name == binary.name)
+                .map(|(_, sum)| sum.as_str());
             if current == Some(binary.sha256.as_str()) {
                 continue;
             }
-            self.step("install", &format!("{} → {bin_dir}/{}", binary.path.display(), binary.name));
+            self.step(
+                "install",
+                &format!("{} → {bin_dir}/{}", binary.path.display(), binary.name),
+            );
             let script = format!(
                 "set -e; d={dir}; mkdir -p \"$d\"; t=\"$d/.{name}.tmp\"; cat > \"$t\"; chmod 755 \"$t\"; mv -f \"$t\" \"$d/{name}\"",
                 dir = shell_quote(&bin_dir),
                 name = binary.name
             );
             let bytes = tokio::fs::read(&binary.path).await.map_err(|error| {
-                step_error("install", ErrorClass::Internal, "binary_unreadable", format!("cannot read {}: {error}", binary.path.display()))
+                step_error(
+                    "install",
+                    ErrorClass::Internal,
+                    "binary_unreadable",
+                    format!("cannot read {}: {error}", binary.path.display()),
+                )
             })?;
             self.ssh("install", &script, Some(bytes)).await?;
             installed.push(binary.name.to_owned());
@@ -388,19 +449,45 @@ impl Adder<'_> {
         // Start (or restart onto new binaries) ployzd.
         let ployzctl = format!("{}/ployzctl", shell_quote(&bin_dir));
         if state.is_some() && installed.iter().any(|name| name == "ployzd") {
-            self.step("start", "stopping the old ployzd (its data plane keeps serving)");
-            self.ssh("start", &format!("{ployzctl} daemon stop"), None).await?;
+            self.step(
+                "start",
+                "stopping the old ployzd (its data plane keeps serving)",
+            );
+            self.ssh("start", &format!("{ployzctl} daemon stop"), None)
+                .await?;
         }
         self.step("start", "starting ployzd");
-        self.ssh("start", &format!("{ployzctl} --json daemon install --runtime host --service-mode user"), None).await?;
+        self.ssh(
+            "start",
+            &format!("{ployzctl} --json daemon install --runtime host --service-mode user"),
+            None,
+        )
+        .await?;
 
         // Keys and id.
         let prepared = self.remote_prepare(&bin_dir).await?;
-        self.step("prepare", &format!("machine {} ({}), key {}", prepared.machine_id, prepared.hostname, prepared.public_key));
+        self.step(
+            "prepare",
+            &format!(
+                "machine {} ({}), key {}",
+                prepared.machine_id, prepared.hostname, prepared.public_key
+            ),
+        );
         if prepared.state == "other" {
-            return Err(step_error("prepare", ErrorClass::PreconditionFailed, "other_network", format!("the host is already machine {} of network `{}`", prepared.machine_id, prepared.network)));
+            return Err(step_error(
+                "prepare",
+                ErrorClass::PreconditionFailed,
+                "other_network",
+                format!(
+                    "the host is already machine {} of network `{}`",
+                    prepared.machine_id, prepared.network
+                ),
+            ));
         }
-        let endpoint = std::net::SocketAddr::new(target_ip, u16::try_from(prepared.listen_port).unwrap_or(51820));
+        let endpoint = std::net::SocketAddr::new(
+            target_ip,
+            u16::try_from(prepared.listen_port).unwrap_or(51820),
+        );
 
         let mut client = self.context.client(OPERATION_TIMEOUT).await?;
         let admitted = client
@@ -431,15 +518,29 @@ impl Adder<'_> {
                 installed,
             });
         }
-        self.step("admit", &format!("subnet {} claimed, address {}", machine.subnet, machine.overlay_address));
+        self.step(
+            "admit",
+            &format!(
+                "subnet {} claimed, address {}",
+                machine.subnet, machine.overlay_address
+            ),
+        );
 
         if !admitted.ticket.is_empty() {
             self.step("join", "bringing up the tunnel and NATS on the host");
-            self.ssh("join", &format!("{ployzctl} --json mesh join"), Some(admitted.ticket.into_bytes())).await?;
+            self.ssh(
+                "join",
+                &format!("{ployzctl} --json mesh join"),
+                Some(admitted.ticket.into_bytes()),
+            )
+            .await?;
         }
 
         self.step("activate", "waiting for the handshake and the store");
-        let remaining = self.timeout.saturating_sub(started.elapsed()).max(Duration::from_secs(5));
+        let remaining = self
+            .timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(5));
         let mut client = self.context.client(remaining + OPERATION_TIMEOUT).await?;
         let activated = client
             .machine_activate(v1::MachineActivateRequest {
@@ -488,12 +589,25 @@ impl Adder<'_> {
         );
         let output = self.ssh("prepare", &script, None).await?;
         serde_json::from_str(&output).map_err(|error| {
-            step_error("prepare", ErrorClass::Internal, "bad_answer", format!("the host's ployzctl answered something unreadable ({error}): {}", output.trim()))
+            step_error(
+                "prepare",
+                ErrorClass::Internal,
+                "bad_answer",
+                format!(
+                    "the host's ployzctl answered something unreadable ({error}): {}",
+                    output.trim()
+                ),
+            )
         })
     }
 
     /// Runs `script` on the target through `ssh`, feeding `stdin`; returns stdout.
-    async fn ssh(&self, step: &str, script: &str, stdin: Option<Vec<u8>>) -> Result<String, ApiError> {
+    async fn ssh(
+        &self,
+        step: &str,
+        script: &str,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<String, ApiError> {
         let mut command = Command::new("ssh");
         command.args([
             "-o",
@@ -504,7 +618,10 @@ impl Adder<'_> {
             "ServerAliveInterval=10",
         ]);
         if let Some(identity) = &self.ssh.identity {
-            command.arg("-i").arg(identity).args(["-o", "IdentitiesOnly=yes"]);
+            command
+                .arg("-i")
+                .arg(identity)
+                .args(["-o", "IdentitiesOnly=yes"]);
         }
         for option in &self.ssh.options {
             command.args(["-o", option]);
@@ -513,12 +630,21 @@ impl Adder<'_> {
             .arg("--")
             .arg(self.target)
             .arg(format!("sh -c {}", shell_quote(script)))
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(|error| {
-            step_error(step, ErrorClass::PreconditionFailed, "ssh_missing", format!("cannot run `ssh` (OpenSSH client): {error}"))
+            step_error(
+                step,
+                ErrorClass::PreconditionFailed,
+                "ssh_missing",
+                format!("cannot run `ssh` (OpenSSH client): {error}"),
+            )
         })?;
         if let Some(bytes) = stdin
             && let Some(mut pipe) = child.stdin.take()
@@ -528,7 +654,12 @@ impl Adder<'_> {
             drop(pipe);
         }
         let output = child.wait_with_output().await.map_err(|error| {
-            step_error(step, ErrorClass::Internal, "ssh_failed", format!("ssh did not finish: {error}"))
+            step_error(
+                step,
+                ErrorClass::Internal,
+                "ssh_failed",
+                format!("ssh did not finish: {error}"),
+            )
         })?;
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         if output.status.code() == Some(255) {
@@ -539,7 +670,16 @@ impl Adder<'_> {
             if let Some(error) = remote_api_error(&stderr) {
                 return Err(step_api_error(step, error));
             }
-            return Err(step_error(step, ErrorClass::Unavailable, "remote_command_failed", format!("the command on the host failed ({}): {}", output.status, last_line(&stderr))));
+            return Err(step_error(
+                step,
+                ErrorClass::Unavailable,
+                "remote_command_failed",
+                format!(
+                    "the command on the host failed ({}): {}",
+                    output.status,
+                    last_line(&stderr)
+                ),
+            ));
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
@@ -549,16 +689,41 @@ impl Adder<'_> {
 fn classify_ssh_failure(step: &str, stderr: &str) -> ApiError {
     let lower = stderr.to_ascii_lowercase();
     let (class, code, what) = if lower.contains("permission denied") {
-        (ErrorClass::PreconditionFailed, "ssh_auth_failed", "the host refused the SSH key")
-    } else if lower.contains("host key verification failed") || lower.contains("remote host identification has changed") {
-        (ErrorClass::PreconditionFailed, "ssh_host_key", "the host's SSH key is unknown or changed")
-    } else if lower.contains("could not resolve hostname") {
-        (ErrorClass::Usage, "ssh_unknown_host", "the host name does not resolve")
-    } else if ["timed out", "no route to host", "connection refused", "network is unreachable", "connection closed", "connection reset"]
-        .iter()
-        .any(|needle| lower.contains(needle))
+        (
+            ErrorClass::PreconditionFailed,
+            "ssh_auth_failed",
+            "the host refused the SSH key",
+        )
+    } else if lower.contains("host key verification failed")
+        || lower.contains("remote host identification has changed")
     {
-        (ErrorClass::Unavailable, "ssh_unreachable", "cannot reach the host's SSH server")
+        (
+            ErrorClass::PreconditionFailed,
+            "ssh_host_key",
+            "the host's SSH key is unknown or changed",
+        )
+    } else if lower.contains("could not resolve hostname") {
+        (
+            ErrorClass::Usage,
+            "ssh_unknown_host",
+            "the host name does not resolve",
+        )
+    } else if [
+        "timed out",
+        "no route to host",
+        "connection refused",
+        "network is unreachable",
+        "connection closed",
+        "connection reset",
+    ]
+    .iter()
+    .any(|needle| lower.contains(needle))
+    {
+        (
+            ErrorClass::Unavailable,
+            "ssh_unreachable",
+            "cannot reach the host's SSH server",
+        )
     } else {
         (ErrorClass::Unavailable, "ssh_failed", "ssh failed")
     };
@@ -591,11 +756,18 @@ fn step_error(step: &str, class: ErrorClass, code: &str, message: String) -> Api
 }
 
 fn step_api_error(step: &str, error: ApiError) -> ApiError {
-    ApiError::new(error.class, error.code, format!("step {step}: {}", error.message))
+    ApiError::new(
+        error.class,
+        error.code,
+        format!("step {step}: {}", error.message),
+    )
 }
 
 fn last_line(text: &str) -> &str {
-    text.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("(no output)")
+    text.lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("(no output)")
 }
 
 /// `text` as one single-quoted POSIX shell word.
@@ -606,7 +778,10 @@ fn shell_quote(text: &str) -> String {
 /// `90s`, `2m`, `1500ms` or plain seconds.
 pub fn parse_timeout(text: &str) -> Result<Duration, ApiError> {
     let text = text.trim();
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
     let value: u64 = number.parse().map_err(|_| bad_timeout(text))?;
     let duration = match unit {
         "" | "s" => Duration::from_secs(value),
@@ -621,7 +796,11 @@ pub fn parse_timeout(text: &str) -> Result<Duration, ApiError> {
 }
 
 fn bad_timeout(text: &str) -> ApiError {
-    ApiError::new(ErrorClass::Usage, "invalid_timeout", format!("`{text}` is not a timeout; write e.g. `90s` or `2m`"))
+    ApiError::new(
+        ErrorClass::Usage,
+        "invalid_timeout",
+        format!("`{text}` is not a timeout; write e.g. `90s` or `2m`"),
+    )
 }
 
 #[cfg(test)]
@@ -638,7 +817,10 @@ mod tests {
         assert!(probe.docker);
         assert_eq!(probe.udp_ports, vec![51820]);
         assert_eq!(probe.tcp_listen_ports, vec![4722]);
-        assert_eq!(probe.checksums, vec![("ployzd".to_owned(), "abc".to_owned())]);
+        assert_eq!(
+            probe.checksums,
+            vec![("ployzd".to_owned(), "abc".to_owned())]
+        );
         let (local, target) = connection_addresses(&probe.ssh_connection).expect("addresses");
         assert_eq!(local.to_string(), "10.0.0.1");
         assert_eq!(target.to_string(), "10.0.0.2");
@@ -649,7 +831,10 @@ mod tests {
         let auth = classify_ssh_failure("connect", "root@10.0.0.2: Permission denied (publickey).");
         assert_eq!(auth.code, "ssh_auth_failed");
         assert!(auth.message.starts_with("step connect:"));
-        let unreachable = classify_ssh_failure("connect", "ssh: connect to host 10.0.0.9 port 22: Connection timed out");
+        let unreachable = classify_ssh_failure(
+            "connect",
+            "ssh: connect to host 10.0.0.9 port 22: Connection timed out",
+        );
         assert_eq!(unreachable.code, "ssh_unreachable");
         assert_eq!(unreachable.class, ErrorClass::Unavailable);
     }

@@ -31,13 +31,15 @@ pub async fn run(context: &Context<'_>, command: MeshCommand) -> Result<(), ApiE
         }
         MeshCommand::Join => {
             let mut ticket = String::new();
-            std::io::stdin().read_to_string(&mut ticket).map_err(|error| {
-                ApiError::new(
-                    ErrorClass::Usage,
-                    "ticket_unreadable",
-                    format!("cannot read the join ticket from stdin: {error}"),
-                )
-            })?;
+            std::io::stdin()
+                .read_to_string(&mut ticket)
+                .map_err(|error| {
+                    ApiError::new(
+                        ErrorClass::Usage,
+                        "ticket_unreadable",
+                        format!("cannot read the join ticket from stdin: {error}"),
+                    )
+                })?;
             let mut client = context.client(OPERATION_TIMEOUT).await?;
             let response = client
                 .mesh_join(v1::MeshJoinRequest { ticket })

@@ -211,8 +211,8 @@ impl v1::ployz_server::Ployz for ApiService {
             .daemon
             .mesh_init(&request.operation_id, &request.network, &request.endpoint)
             .await;
-        reply(
-            result.map(|finished: Finished<MeshInitResult>| v1::MeshInitResponse {
+        reply(result.map(|finished: Finished<MeshInitResult>| {
+            v1::MeshInitResponse {
                 operation: Some(summary(&finished.record, finished.replayed)),
                 outcome: finished.result.outcome,
                 network: finished.result.network,
@@ -225,8 +225,8 @@ impl v1::ployz_server::Ployz for ApiService {
                     .unwrap_or_default(),
                 subnet: finished.result.subnet,
                 public_key: finished.result.public_key,
-            }),
-        )
+            }
+        }))
     }
 
     async fn list_machines(
@@ -249,42 +249,52 @@ impl v1::ployz_server::Ployz for ApiService {
         _request: Request<v1::MeshStatusRequest>,
     ) -> ApiResult<v1::MeshStatusResponse> {
         let view = self.daemon.mesh_status().await;
-        reply(view.map(|view| v1::MeshStatusResponse {
-            network: view.network,
-            interface: view.interface,
-            public_key: view.public_key,
-            listen_port: u32::from(view.listen_port),
-            overlay_address: view.overlay_address.to_string(),
-            subnet: view.subnet,
-            prefix: view.prefix,
-            tunnel: view.tunnel,
-            peers: view
-                .peers
-                .into_iter()
-                .map(|peer| v1::MeshPeer {
-                    machine_id: peer.record.as_ref().map(|r| r.id.clone()).unwrap_or_default(),
-                    hostname: peer.record.as_ref().map(|r| r.hostname.clone()).unwrap_or_default(),
-                    public_key: super::mesh::public_key_text(&peer.snapshot.public_key),
-                    endpoint: peer
-                        .snapshot
-                        .endpoint
-                        .map(|endpoint| endpoint.to_string())
-                        .unwrap_or_default(),
-                    last_handshake_unix_ms: peer
-                        .snapshot
-                        .last_handshake
-                        .map_or(0, |at| u64::try_from(at.as_millis()).unwrap_or(u64::MAX)),
-                    rx_bytes: peer.snapshot.rx_bytes,
-                    tx_bytes: peer.snapshot.tx_bytes,
-                    allowed_ips: peer
-                        .snapshot
-                        .allowed_ips
-                        .iter()
-                        .map(|ip| format!("{}/{}", ip.address(), ip.prefix_len()))
-                        .collect(),
-                    observed: peer.observed.to_owned(),
-                })
-                .collect(),
+        reply(view.map(|view| {
+            v1::MeshStatusResponse {
+                network: view.network,
+                interface: view.interface,
+                public_key: view.public_key,
+                listen_port: u32::from(view.listen_port),
+                overlay_address: view.overlay_address.to_string(),
+                subnet: view.subnet,
+                prefix: view.prefix,
+                tunnel: view.tunnel,
+                peers: view
+                    .peers
+                    .into_iter()
+                    .map(|peer| v1::MeshPeer {
+                        machine_id: peer
+                            .record
+                            .as_ref()
+                            .map(|r| r.id.clone())
+                            .unwrap_or_default(),
+                        hostname: peer
+                            .record
+                            .as_ref()
+                            .map(|r| r.hostname.clone())
+                            .unwrap_or_default(),
+                        public_key: super::mesh::public_key_text(&peer.snapshot.public_key),
+                        endpoint: peer
+                            .snapshot
+                            .endpoint
+                            .map(|endpoint| endpoint.to_string())
+                            .unwrap_or_default(),
+                        last_handshake_unix_ms: peer
+                            .snapshot
+                            .last_handshake
+                            .map_or(0, |at| u64::try_from(at.as_millis()).unwrap_or(u64::MAX)),
+                        rx_bytes: peer.snapshot.rx_bytes,
+                        tx_bytes: peer.snapshot.tx_bytes,
+                        allowed_ips: peer
+                            .snapshot
+                            .allowed_ips
+                            .iter()
+                            .map(|ip| format!("{}/{}", ip.address(), ip.prefix_len()))
+                            .collect(),
+                        observed: peer.observed.to_owned(),
+                    })
+                    .collect(),
+            }
         }))
     }
 
@@ -311,11 +321,13 @@ impl v1::ployz_server::Ployz for ApiService {
     ) -> ApiResult<v1::MeshJoinResponse> {
         let request = request.into_inner();
         let joined = self.daemon.mesh_join(&request.ticket).await;
-        reply(joined.map(|(outcome, machine_id, address)| v1::MeshJoinResponse {
-            outcome: outcome.to_owned(),
-            machine_id,
-            overlay_address: address.to_string(),
-        }))
+        reply(
+            joined.map(|(outcome, machine_id, address)| v1::MeshJoinResponse {
+                outcome: outcome.to_owned(),
+                machine_id,
+                overlay_address: address.to_string(),
+            }),
+        )
     }
 
     async fn machine_admit(

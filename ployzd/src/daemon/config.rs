@@ -430,9 +430,7 @@ impl DaemonConfig {
         {
             return Err(ConfigError::InvalidValue {
                 key: "mesh.interface",
-                message: format!(
-                    "`{interface}` must be 1 to 15 letters, digits, `-` or `_`"
-                ),
+                message: format!("`{interface}` must be 1 to 15 letters, digits, `-` or `_`"),
             });
         }
         if self.nats.monitor_port == Some(0) {

@@ -156,9 +156,8 @@ impl Daemon {
     }
 
     fn keys(&self) -> Result<KeyPair, ApiError> {
-        KeyPair::load_or_generate(&self.key_path()).map_err(|error| {
-            ApiError::new(ErrorClass::Internal, "mesh_key", error_chain(&error))
-        })
+        KeyPair::load_or_generate(&self.key_path())
+            .map_err(|error| ApiError::new(ErrorClass::Internal, "mesh_key", error_chain(&error)))
     }
 
     /// Adopts or starts the tunnel, gives it this machine's key, port and
@@ -268,7 +267,12 @@ impl Daemon {
                         pending
                     }
                 };
-                ("fresh", pending.machine_id, String::new(), network.to_string())
+                (
+                    "fresh",
+                    pending.machine_id,
+                    String::new(),
+                    network.to_string(),
+                )
             }
         };
         Ok(JoinPrepared {
@@ -283,7 +287,10 @@ impl Daemon {
     }
 
     /// Target side of a join, step 2: become the machine the ticket names.
-    pub async fn mesh_join(&self, ticket: &str) -> Result<(&'static str, String, Ipv6Addr), ApiError> {
+    pub async fn mesh_join(
+        &self,
+        ticket: &str,
+    ) -> Result<(&'static str, String, Ipv6Addr), ApiError> {
         let ticket: JoinTicket = serde_json::from_str(ticket).map_err(|error| {
             ApiError::new(
                 ErrorClass::Usage,
@@ -294,7 +301,10 @@ impl Daemon {
         let _guard = self.identity_lock.lock().await;
         let existing = LocalIdentity::load(&self.config.data_dir).map_err(identity_api_error)?;
         let outcome = match existing {
-            Some(identity) if identity.machine_id == ticket.machine_id && identity.cluster_id == ticket.cluster_id => {
+            Some(identity)
+                if identity.machine_id == ticket.machine_id
+                    && identity.cluster_id == ticket.cluster_id =>
+            {
                 "already_joined"
             }
             Some(identity) => {
@@ -308,8 +318,11 @@ impl Daemon {
                 ));
             }
             None => {
-                let pending = read_json::<PendingJoin>(&self.config.data_dir.join(PENDING_JOIN_FILE));
-                if pending.as_ref().map(|p| p.machine_id.as_str()) != Some(ticket.machine_id.as_str()) {
+                let pending =
+                    read_json::<PendingJoin>(&self.config.data_dir.join(PENDING_JOIN_FILE));
+                if pending.as_ref().map(|p| p.machine_id.as_str())
+                    != Some(ticket.machine_id.as_str())
+                {
                     return Err(ApiError::new(
                         ErrorClass::PreconditionFailed,
                         "join_ticket_mismatch",
@@ -331,7 +344,9 @@ impl Daemon {
                         routes: ticket.routes.clone(),
                     }),
                 };
-                identity.store(&self.config.data_dir).map_err(identity_api_error)?;
+                identity
+                    .store(&self.config.data_dir)
+                    .map_err(identity_api_error)?;
                 let _ = std::fs::remove_file(self.config.data_dir.join(PENDING_JOIN_FILE));
                 tracing::info!(machine = %identity.machine_id, network = %identity.network, "joined: wrote machine identity");
                 "joined"
@@ -339,7 +354,13 @@ impl Daemon {
         };
         let identity = LocalIdentity::load(&self.config.data_dir)
             .map_err(identity_api_error)?
-            .ok_or_else(|| ApiError::new(ErrorClass::Internal, "identity_vanished", "the identity written a moment ago is gone"))?;
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorClass::Internal,
+                    "identity_vanished",
+                    "the identity written a moment ago is gone",
+                )
+            })?;
         // The overlay and NATS must come up; the store may not answer yet (on
         // the second machine of a network it answers only once the member that
         // admitted this one turned its NATS into a cluster, in `activate`).
@@ -353,7 +374,13 @@ impl Daemon {
             .await
             .as_ref()
             .map(|mesh| mesh.overlay_address())
-            .ok_or_else(|| ApiError::new(ErrorClass::Internal, "mesh_missing", "the overlay is not up after joining"))?;
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorClass::Internal,
+                    "mesh_missing",
+                    "the overlay is not up after joining",
+                )
+            })?;
         Ok((outcome, identity.machine_id.clone(), address))
     }
 
@@ -371,22 +398,39 @@ impl Daemon {
         let key = crate::store::Key::from_segments(["machines", machine_id])
             .ok()
             .filter(|_| machine_id.starts_with("m-") && machine_id.len() <= 64)
-            .ok_or_else(|| usage("invalid_machine_id", format!("`{machine_id}` is not a machine id")))?;
+            .ok_or_else(|| {
+                usage(
+                    "invalid_machine_id",
+                    format!("`{machine_id}` is not a machine id"),
+                )
+            })?;
         if decode_key(public_key).is_none() {
-            return Err(usage("invalid_public_key", format!("`{public_key}` is not a WireGuard public key (base64 of 32 bytes)")));
+            return Err(usage(
+                "invalid_public_key",
+                format!("`{public_key}` is not a WireGuard public key (base64 of 32 bytes)"),
+            ));
         }
         let endpoint: SocketAddr = endpoint.parse().map_err(|_| {
-            usage("invalid_endpoint", format!("`{endpoint}` is not an `ip:port` endpoint"))
+            usage(
+                "invalid_endpoint",
+                format!("`{endpoint}` is not an `ip:port` endpoint"),
+            )
         })?;
         let local_ip: Option<IpAddr> = if local_endpoint_ip.is_empty() {
             None
         } else {
             Some(local_endpoint_ip.parse().map_err(|_| {
-                usage("invalid_endpoint", format!("`{local_endpoint_ip}` is not an IP address"))
+                usage(
+                    "invalid_endpoint",
+                    format!("`{local_endpoint_ip}` is not an IP address"),
+                )
             })?)
         };
         if machine_id == runtime.identity.machine_id {
-            return Err(usage("admit_self", "a machine cannot add itself".to_owned()));
+            return Err(usage(
+                "admit_self",
+                "a machine cannot add itself".to_owned(),
+            ));
         }
         let store = &runtime.store;
         if let Some(existing) = store.get(&key).await.map_err(store_error)? {
@@ -396,7 +440,9 @@ impl Daemon {
                 return Err(ApiError::new(
                     ErrorClass::Conflict,
                     "machine_key_mismatch",
-                    format!("machine {machine_id} is recorded with another WireGuard key; it is not the machine that was admitted"),
+                    format!(
+                        "machine {machine_id} is recorded with another WireGuard key; it is not the machine that was admitted"
+                    ),
                 ));
             }
             if record.membership == Membership::Active {
@@ -413,7 +459,9 @@ impl Daemon {
         }
         let subnet = claim_subnet(store, runtime.mesh.mesh.prefix, machine_id, now_unix_ms())
             .await
-            .map_err(|error| ApiError::new(ErrorClass::Unavailable, "subnet_claim", error_chain(&error)))?;
+            .map_err(|error| {
+                ApiError::new(ErrorClass::Unavailable, "subnet_claim", error_chain(&error))
+            })?;
         let record = MachineRecord {
             id: machine_id.to_owned(),
             hostname: hostname.to_owned(),
@@ -427,20 +475,35 @@ impl Daemon {
                 overlay_address: subnet.machine_address(),
             }),
         };
-        let record = match store.create(&key, encode(&key, &record).map_err(store_error)?).await {
+        let record = match store
+            .create(&key, encode(&key, &record).map_err(store_error)?)
+            .await
+        {
             Ok(_) => record,
             Err(crate::store::StoreError::AlreadyExists { .. }) => store
                 .get(&key)
                 .await
                 .map_err(store_error)?
-                .ok_or_else(|| ApiError::new(ErrorClass::Conflict, "record_vanished", "the machine record was deleted while admitting; retry"))?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorClass::Conflict,
+                        "record_vanished",
+                        "the machine record was deleted while admitting; retry",
+                    )
+                })?
                 .decode()
                 .map_err(store_error)?,
             Err(error) => return Err(store_error(error)),
         };
         let members = list_members(store).await?;
-        sync_peers(store, &runtime.mesh, &runtime.identity.machine_id, &self.peer_cache_path()).await
-            .map_err(|error| ApiError::new(ErrorClass::Unavailable, "mesh_peers", error))?;
+        sync_peers(
+            store,
+            &runtime.mesh,
+            &runtime.identity.machine_id,
+            &self.peer_cache_path(),
+        )
+        .await
+        .map_err(|error| ApiError::new(ErrorClass::Unavailable, "mesh_peers", error))?;
         let ticket = JoinTicket {
             network: runtime.identity.network.clone(),
             cluster_id: runtime.identity.cluster_id.clone(),
@@ -452,7 +515,12 @@ impl Daemon {
                 .iter()
                 .filter(|m| m.id != machine_id && m.membership == Membership::Active)
                 .filter_map(|m| m.mesh.as_ref())
-                .map(|mesh| SocketAddr::new(IpAddr::V6(mesh.overlay_address), self.config.nats.cluster_port))
+                .map(|mesh| {
+                    SocketAddr::new(
+                        IpAddr::V6(mesh.overlay_address),
+                        self.config.nats.cluster_port,
+                    )
+                })
                 .collect(),
         };
         let ticket = serde_json::to_string(&ticket)
@@ -484,7 +552,11 @@ impl Daemon {
         mesh.endpoint = Some(endpoint);
         match runtime
             .store
-            .update(&key, encode(&key, &record).map_err(store_error)?, found.revision)
+            .update(
+                &key,
+                encode(&key, &record).map_err(store_error)?,
+                found.revision,
+            )
             .await
         {
             Ok(_) => {
@@ -500,26 +572,57 @@ impl Daemon {
     /// Member side, last step: the machine shook hands and its NATS server
     /// is in the store's cluster: record it `active`, and replicate the
     /// store three ways once there are three machines.
-    pub async fn machine_activate(&self, machine_id: &str, timeout: Duration) -> Result<Activated, ApiError> {
+    pub async fn machine_activate(
+        &self,
+        machine_id: &str,
+        timeout: Duration,
+    ) -> Result<Activated, ApiError> {
         let runtime = self.runtime().await?;
-        let timeout = if timeout.is_zero() { DEFAULT_ACTIVATE_TIMEOUT } else { timeout };
+        let timeout = if timeout.is_zero() {
+            DEFAULT_ACTIVATE_TIMEOUT
+        } else {
+            timeout
+        };
         let deadline = Instant::now() + timeout;
-        let key = crate::store::Key::from_segments(["machines", machine_id])
-            .map_err(|_| usage("invalid_machine_id", format!("`{machine_id}` is not a machine id")))?;
-        let found = runtime.store.get(&key).await.map_err(store_error)?.ok_or_else(|| {
-            ApiError::new(ErrorClass::NotFound, "machine_not_found", format!("no machine {machine_id} in this network"))
+        let key = crate::store::Key::from_segments(["machines", machine_id]).map_err(|_| {
+            usage(
+                "invalid_machine_id",
+                format!("`{machine_id}` is not a machine id"),
+            )
         })?;
+        let found = runtime
+            .store
+            .get(&key)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorClass::NotFound,
+                    "machine_not_found",
+                    format!("no machine {machine_id} in this network"),
+                )
+            })?;
         let record: MachineRecord = found.decode().map_err(store_error)?;
         let peer_key = record
             .mesh
             .as_ref()
             .and_then(|mesh| decode_key(&mesh.public_key))
-            .ok_or_else(|| ApiError::new(ErrorClass::PreconditionFailed, "machine_without_mesh", format!("machine {machine_id} has no WireGuard key recorded")))?;
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorClass::PreconditionFailed,
+                    "machine_without_mesh",
+                    format!("machine {machine_id} has no WireGuard key recorded"),
+                )
+            })?;
 
         // The handshake: proof that both tunnels know each other.
         let handshake = loop {
             let snapshot = wg::get(&runtime.mesh.socket()).await.map_err(|error| {
-                ApiError::new(ErrorClass::Unavailable, "tunnel_unavailable", error_chain(&error))
+                ApiError::new(
+                    ErrorClass::Unavailable,
+                    "tunnel_unavailable",
+                    error_chain(&error),
+                )
             })?;
             if let Some(at) = handshake_of(&snapshot, &peer_key) {
                 break at;
@@ -528,7 +631,10 @@ impl Daemon {
                 return Err(ApiError::new(
                     ErrorClass::Unavailable,
                     "handshake_timeout",
-                    format!("machine {machine_id} did not complete a WireGuard handshake within {timeout:?}; check that UDP port {} is open between the machines", self.config.mesh.listen_port),
+                    format!(
+                        "machine {machine_id} did not complete a WireGuard handshake within {timeout:?}; check that UDP port {} is open between the machines",
+                        self.config.mesh.listen_port
+                    ),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -539,12 +645,28 @@ impl Daemon {
         // into a cluster with the new machine now: the new server makes the
         // quorum, so the store answering again proves it joined.
         let mut runtime = runtime;
-        if runtime.identity.mesh.as_ref().is_some_and(|mesh| mesh.routes.is_empty()) {
+        if runtime
+            .identity
+            .mesh
+            .as_ref()
+            .is_some_and(|mesh| mesh.routes.is_empty())
+        {
             let route = record
                 .mesh
                 .as_ref()
-                .map(|mesh| SocketAddr::new(IpAddr::V6(mesh.overlay_address), self.config.nats.cluster_port))
-                .ok_or_else(|| ApiError::new(ErrorClass::PreconditionFailed, "machine_without_mesh", format!("machine {machine_id} has no overlay address recorded")))?;
+                .map(|mesh| {
+                    SocketAddr::new(
+                        IpAddr::V6(mesh.overlay_address),
+                        self.config.nats.cluster_port,
+                    )
+                })
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorClass::PreconditionFailed,
+                        "machine_without_mesh",
+                        format!("machine {machine_id} has no overlay address recorded"),
+                    )
+                })?;
             runtime = self.cluster_store(runtime, route, deadline).await?;
         }
         let store = &runtime.store;
@@ -572,7 +694,10 @@ impl Daemon {
                         return Err(ApiError::new(
                             ErrorClass::Unavailable,
                             "store_join_timeout",
-                            format!("machine {machine_id}'s NATS did not join the store's cluster within {timeout:?}: {}", error_chain(&error)),
+                            format!(
+                                "machine {machine_id}'s NATS did not join the store's cluster within {timeout:?}: {}",
+                                error_chain(&error)
+                            ),
                         ));
                     }
                 }
@@ -582,24 +707,30 @@ impl Daemon {
         // Right after the store changed its replicas its streams elect
         // leaders: a write may time out meanwhile, so retry until the deadline.
         let (outcome, record) = loop {
-            let attempt = async {
-                let found = store.get(&key).await?.ok_or_else(|| crate::store::StoreError::Backend {
-                    context: format!("machine {machine_id}'s record vanished"),
-                    source: None,
-                })?;
-                let mut current: MachineRecord = found.decode()?;
-                if current.membership == Membership::Active {
-                    return Ok(("already_active", current));
-                }
-                current.membership = Membership::Active;
-                store
-                    .update(&key, encode(&key, &current)?, found.revision)
-                    .await?;
-                Ok::<_, crate::store::StoreError>(("activated", current))
-            };
+            let attempt =
+                async {
+                    let found = store.get(&key).await?.ok_or_else(|| {
+                        crate::store::StoreError::Backend {
+                            context: format!("machine {machine_id}'s record vanished"),
+                            source: None,
+                        }
+                    })?;
+                    let mut current: MachineRecord = found.decode()?;
+                    if current.membership == Membership::Active {
+                        return Ok(("already_active", current));
+                    }
+                    current.membership = Membership::Active;
+                    store
+                        .update(&key, encode(&key, &current)?, found.revision)
+                        .await?;
+                    Ok::<_, crate::store::StoreError>(("activated", current))
+                };
             match attempt.await {
                 Ok((outcome, current)) => break (outcome, current),
-                Err(error) if (error.is_retryable() || error.is_conflict()) && Instant::now() < deadline => {
+                Err(error)
+                    if (error.is_retryable() || error.is_conflict())
+                        && Instant::now() < deadline =>
+                {
                     tracing::debug!(error = %error_chain(&error), "membership write not accepted yet; retrying");
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
@@ -633,7 +764,10 @@ impl Daemon {
         let export = runtime.store.export().await.map_err(store_error)?;
         let nats_dir = self.config.data_dir.join("nats");
         let stamp = now_unix_ms();
-        write_json(&nats_dir.join(format!("standalone-export-{stamp}.json")), &export)?;
+        write_json(
+            &nats_dir.join(format!("standalone-export-{stamp}.json")),
+            &export,
+        )?;
         let standalone = runtime.identity.clone();
         let mut clustered = standalone.clone();
         if let Some(mesh) = clustered.mesh.as_mut() {
@@ -646,7 +780,9 @@ impl Daemon {
             identity: standalone.clone(),
             reason: "turning NATS into a cluster with a joining machine".to_owned(),
         };
-        let internal = |code: &'static str, message: String| ApiError::new(ErrorClass::Internal, code, message);
+        let internal = |code: &'static str, message: String| {
+            ApiError::new(ErrorClass::Internal, code, message)
+        };
         runtime
             .nats
             .stop()
@@ -657,20 +793,36 @@ impl Daemon {
         let aside = nats_dir.join(format!("jetstream.standalone-{stamp}"));
         if store_dir.exists() {
             std::fs::rename(&store_dir, &aside).map_err(|error| {
-                internal("nats_store_move", format!("cannot set {} aside: {error}", store_dir.display()))
+                internal(
+                    "nats_store_move",
+                    format!("cannot set {} aside: {error}", store_dir.display()),
+                )
             })?;
         }
-        clustered.store(&self.config.data_dir).map_err(identity_api_error)?;
+        clustered
+            .store(&self.config.data_dir)
+            .map_err(identity_api_error)?;
 
         let attempt = async {
-            let sidecars = self.bring_up_sidecars(&clustered).await.map_err(super::operations::bring_up_error)?;
-            let wait = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10));
+            let sidecars = self
+                .bring_up_sidecars(&clustered)
+                .await
+                .map_err(super::operations::bring_up_error)?;
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(10));
             let mut config = crate::store::nats::NatsStoreConfig::new(sidecars.nats.client_url());
             config.startup_timeout = wait;
             let store = NatsStore::connect(config).await.map_err(store_error)?;
             store.import(&export).await.map_err(store_error)?;
-            tracing::info!(records = export.records.len(), events = export.events.len(), "store moved into the cluster");
-            self.connect_store(&sidecars, wait).await.map_err(super::operations::bring_up_error)
+            tracing::info!(
+                records = export.records.len(),
+                events = export.events.len(),
+                "store moved into the cluster"
+            );
+            self.connect_store(&sidecars, wait)
+                .await
+                .map_err(super::operations::bring_up_error)
         };
         match attempt.await {
             Ok(runtime) => Ok(runtime),
@@ -686,12 +838,17 @@ impl Daemon {
                 if aside.exists() {
                     let _ = std::fs::rename(&aside, &store_dir);
                 }
-                standalone.store(&self.config.data_dir).map_err(identity_api_error)?;
+                standalone
+                    .store(&self.config.data_dir)
+                    .map_err(identity_api_error)?;
                 let _ = self.bring_up(&standalone).await;
                 Err(ApiError::new(
                     ErrorClass::Unavailable,
                     "store_cluster_failed",
-                    format!("the new machine's NATS did not form a cluster with this one: {}; this machine's store is back as it was", error.message),
+                    format!(
+                        "the new machine's NATS did not form a cluster with this one: {}; this machine's store is back as it was",
+                        error.message
+                    ),
                 ))
             }
         }
@@ -701,14 +858,23 @@ impl Daemon {
     pub async fn mesh_status(&self) -> Result<MeshView, ApiError> {
         let runtime = self.runtime().await?;
         let snapshot = wg::get(&runtime.mesh.socket()).await.map_err(|error| {
-            ApiError::new(ErrorClass::Unavailable, "tunnel_unavailable", error_chain(&error))
+            ApiError::new(
+                ErrorClass::Unavailable,
+                "tunnel_unavailable",
+                error_chain(&error),
+            )
         })?;
         let members = list_members(&runtime.store).await.unwrap_or_default();
         let mut peers = Vec::new();
         let probes = snapshot.peers.iter().map(|peer| {
             let record = members
                 .iter()
-                .find(|m| m.mesh.as_ref().and_then(|mesh| decode_key(&mesh.public_key)) == Some(peer.public_key))
+                .find(|m| {
+                    m.mesh
+                        .as_ref()
+                        .and_then(|mesh| decode_key(&mesh.public_key))
+                        == Some(peer.public_key)
+                })
                 .cloned();
             let port = self.config.nats.cluster_port;
             async move {
@@ -739,15 +905,27 @@ impl Daemon {
             public_key: runtime.mesh.spec.keys.public_base64(),
             listen_port: snapshot.listen_port,
             overlay_address: runtime.mesh.overlay_address(),
-            subnet: format!("{}/{}", runtime.mesh.spec.subnet.base(), crate::mesh::addressing::Subnet::PREFIX_LEN),
-            prefix: format!("{}/{}", runtime.mesh.mesh.prefix.base(), OverlayPrefix::PREFIX_LEN),
+            subnet: format!(
+                "{}/{}",
+                runtime.mesh.spec.subnet.base(),
+                crate::mesh::addressing::Subnet::PREFIX_LEN
+            ),
+            prefix: format!(
+                "{}/{}",
+                runtime.mesh.mesh.prefix.base(),
+                OverlayPrefix::PREFIX_LEN
+            ),
             tunnel: format!("{:?}", runtime.mesh.tunnel.status()),
             peers,
         })
     }
 
     /// Live reachability of every member, for `machine ls`.
-    pub(super) async fn observe_machines(&self, records: &[MachineRecord], self_id: &str) -> Vec<&'static str> {
+    pub(super) async fn observe_machines(
+        &self,
+        records: &[MachineRecord],
+        self_id: &str,
+    ) -> Vec<&'static str> {
         let port = self.config.nats.cluster_port;
         futures::future::join_all(records.iter().map(|record| async move {
             if record.id == self_id {
@@ -834,14 +1012,21 @@ async fn sync_peers(
     if !members.iter().any(|member| member.id == self_id) {
         // A store that does not list this machine is not (yet) this
         // network's: never tear the overlay down on its word.
-        return Err("the store does not list this machine; overlay peers left as they are".to_owned());
+        return Err(
+            "the store does not list this machine; overlay peers left as they are".to_owned(),
+        );
     }
     let peers = known_peers(self_id, &members);
     let changes = overlay::apply_peers(&mesh.socket(), &peer_specs(mesh.mesh.prefix, &peers))
         .await
         .map_err(|error| error_chain(&error))?;
     if changes != overlay::PeerChanges::default() {
-        tracing::info!(added = changes.added, updated = changes.updated, removed = changes.removed, "overlay peers follow membership");
+        tracing::info!(
+            added = changes.added,
+            updated = changes.updated,
+            removed = changes.removed,
+            "overlay peers follow membership"
+        );
     }
     if read_peer_cache(cache) != peers {
         write_json(cache, &peers).map_err(|error| error.message)?;
@@ -923,8 +1108,13 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Option<T
 fn write_json<T: Serialize>(path: &std::path::Path, value: &T) -> Result<(), ApiError> {
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|error| ApiError::new(ErrorClass::Internal, "encode", error.to_string()))?;
-    write_atomically(path, &bytes)
-        .map_err(|error| ApiError::new(ErrorClass::Internal, "write_file", format!("cannot write {}: {error}", path.display())))
+    write_atomically(path, &bytes).map_err(|error| {
+        ApiError::new(
+            ErrorClass::Internal,
+            "write_file",
+            format!("cannot write {}: {error}", path.display()),
+        )
+    })
 }
 
 /// Writes `bytes` to a temporary file beside `path`, fsyncs it and renames it
@@ -933,7 +1123,10 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // Unique: the membership follower and a request may write at once.
     let temporary = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let mut file = std::fs::OpenOptions::new()

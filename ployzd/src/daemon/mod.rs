@@ -417,9 +417,14 @@ impl Daemon {
                 if matches!(&*daemon.cluster.read().await, ClusterState::Ready(_)) {
                     return;
                 }
-                match daemon.connect_store(&sidecars, Duration::from_secs(5)).await {
+                match daemon
+                    .connect_store(&sidecars, Duration::from_secs(5))
+                    .await
+                {
                     Ok(_) => return,
-                    Err(error) => tracing::debug!(error = %error_chain(&error), "store not ready yet"),
+                    Err(error) => {
+                        tracing::debug!(error = %error_chain(&error), "store not ready yet")
+                    }
                 }
             }
         });
@@ -446,10 +451,7 @@ impl Daemon {
     /// Adopts or starts the gateway and DNS, following the store at
     /// `nats_url`. One that cannot start is reported in `status` and does not
     /// keep the rest of the machine down.
-    async fn start_routing(
-        &self,
-        nats_url: &str,
-    ) -> RoutingSidecars {
+    async fn start_routing(&self, nats_url: &str) -> RoutingSidecars {
         let mut started = Vec::new();
         for component in routing::Component::ALL {
             let ensured = async {

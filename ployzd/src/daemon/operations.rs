@@ -19,8 +19,7 @@ use crate::{
     error_chain,
     machine::{
         FoundingError, FoundingPlan, IdentityError, LocalIdentity, MachineRecord, NetworkName,
-        NetworkRecord, founding::ensure_membership_records, plan_founding,
-        records::MachineMesh,
+        NetworkRecord, founding::ensure_membership_records, plan_founding, records::MachineMesh,
     },
     mesh::addressing::claim_subnet,
     services::SidecarStatus,
@@ -187,19 +186,31 @@ impl Daemon {
 
         let identity = runtime.identity.clone();
         let subnet = runtime.mesh.spec.subnet;
-        match claim_subnet(&runtime.store, runtime.mesh.mesh.prefix, &identity.machine_id, now_unix_ms()).await {
+        match claim_subnet(
+            &runtime.store,
+            runtime.mesh.mesh.prefix,
+            &identity.machine_id,
+            now_unix_ms(),
+        )
+        .await
+        {
             Ok(claimed) if claimed == subnet => {}
             Ok(claimed) => {
                 let api = ApiError::new(
                     ErrorClass::Conflict,
                     "subnet_conflict",
-                    format!("the store gives this machine subnet {} but its identity says {}; the store belongs to another network", claimed.base(), subnet.base()),
+                    format!(
+                        "the store gives this machine subnet {} but its identity says {}; the store belongs to another network",
+                        claimed.base(),
+                        subnet.base()
+                    ),
                 );
                 run.fail(recorded(&api)).await.map_err(journal_error)?;
                 return Err(api);
             }
             Err(error) => {
-                let api = ApiError::new(ErrorClass::Unavailable, "subnet_claim", error_chain(&error));
+                let api =
+                    ApiError::new(ErrorClass::Unavailable, "subnet_claim", error_chain(&error));
                 run.fail(recorded(&api)).await.map_err(journal_error)?;
                 return Err(api);
             }
@@ -249,7 +260,11 @@ impl Daemon {
             cluster_id: identity.cluster_id.clone(),
             machine_id: identity.machine_id.clone(),
             overlay_address: Some(subnet.machine_address()),
-            subnet: format!("{}/{}", subnet.base(), crate::mesh::addressing::Subnet::PREFIX_LEN),
+            subnet: format!(
+                "{}/{}",
+                subnet.base(),
+                crate::mesh::addressing::Subnet::PREFIX_LEN
+            ),
             public_key,
         };
         let record = run.succeed(&result).await.map_err(journal_error)?;

@@ -240,7 +240,11 @@ pub async fn claim_subnet<S: RecordStore>(
                         }
                     }
                     conflicts += 1;
-                    tracing::debug!(subnet = candidate.get(), conflicts, "subnet claim lost; trying the next one");
+                    tracing::debug!(
+                        subnet = candidate.get(),
+                        conflicts,
+                        "subnet claim lost; trying the next one"
+                    );
                     if conflicts >= MAX_CLAIM_CONFLICTS {
                         return Err(AddressingError::Contended { conflicts });
                     }
@@ -281,7 +285,9 @@ fn claim_index(key: &Key) -> Result<SubnetIndex, AddressingError> {
 /// What can go wrong with overlay addresses.
 #[derive(Debug, thiserror::Error)]
 pub enum AddressingError {
-    #[error("`{text}` is not an overlay prefix: expected an fd00::/8 ULA /48 such as fd12:3456:789a::/48")]
+    #[error(
+        "`{text}` is not an overlay prefix: expected an fd00::/8 ULA /48 such as fd12:3456:789a::/48"
+    )]
     InvalidPrefix { text: String },
     #[error("subnet index 0 is reserved")]
     InvalidSubnetIndex,
@@ -338,14 +344,25 @@ mod tests {
     #[tokio::test]
     async fn a_machine_keeps_its_subnet_across_retries() {
         let store = MemoryStore::new();
-        let first = claim_subnet(&store, prefix(), "m-a", 1).await.expect("claim");
-        let again = claim_subnet(&store, prefix(), "m-a", 2).await.expect("again");
+        let first = claim_subnet(&store, prefix(), "m-a", 1)
+            .await
+            .expect("claim");
+        let again = claim_subnet(&store, prefix(), "m-a", 2)
+            .await
+            .expect("again");
         assert_eq!(first, again);
         assert_eq!(
             subnet_of(&store, prefix(), "m-a").await.expect("lookup"),
             Some(first)
         );
-        assert_eq!(store.list(&SubnetClaim::prefix()).await.expect("list").len(), 1);
+        assert_eq!(
+            store
+                .list(&SubnetClaim::prefix())
+                .await
+                .expect("list")
+                .len(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -362,7 +379,9 @@ mod tests {
             .create(&key, encode(&key, &rival).expect("encode"))
             .await
             .expect("rival claim");
-        let subnet = claim_subnet(&store, prefix(), "m-b", 2).await.expect("claim");
+        let subnet = claim_subnet(&store, prefix(), "m-b", 2)
+            .await
+            .expect("claim");
         assert_ne!(subnet.index(), preferred);
         let holder: SubnetClaim = store
             .get(&key)

@@ -10,8 +10,8 @@
 use std::{
     collections::BTreeMap,
     io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
     net::{Ipv6Addr, SocketAddr},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     process::Stdio,
 };
@@ -164,7 +164,16 @@ pub async fn configure_device(spec: &DeviceSpec) -> Result<(), OverlayError> {
         OverlayPrefix::PREFIX_LEN
     );
     if !has_address(&spec.interface, spec.subnet.machine_address()).await? {
-        ip(&["-6", "addr", "replace", &address, "dev", &spec.interface, "nodad"]).await?;
+        ip(&[
+            "-6",
+            "addr",
+            "replace",
+            &address,
+            "dev",
+            &spec.interface,
+            "nodad",
+        ])
+        .await?;
     }
     ip(&["link", "set", "dev", &spec.interface, "up"]).await?;
     Ok(())
@@ -396,12 +405,14 @@ mod tests {
             peers: vec![running(&a, Some(roamed))],
             ..DeviceSnapshot::default()
         };
-        assert_eq!(peer_changes(&snapshot, &[a.clone()]).0, None);
+        assert_eq!(peer_changes(&snapshot, std::slice::from_ref(&a)).0, None);
         let snapshot = DeviceSnapshot {
             peers: vec![running(&a, None)],
             ..DeviceSnapshot::default()
         };
-        let change = peer_changes(&snapshot, &[a.clone()]).0.expect("change");
+        let change = peer_changes(&snapshot, std::slice::from_ref(&a))
+            .0
+            .expect("change");
         assert_eq!(change.peers[0].endpoint, a.endpoint);
         assert!(change.peers[0].update_only);
     }

@@ -341,7 +341,10 @@ fn render(config: &NatsSidecarConfig, files: &NatsFiles) -> Result<String, Sidec
              # overlay address, so nothing of the store is reachable from the underlay.\n",
         );
         text.push_str("cluster {\n");
-        text.push_str(&format!("  name: {}\n", quoted("cluster.name", &cluster.name)?));
+        text.push_str(&format!(
+            "  name: {}\n",
+            quoted("cluster.name", &cluster.name)?
+        ));
         text.push_str(&format!(
             "  listen: {}\n",
             quoted("cluster.listen", &cluster.listen.to_string())?
@@ -631,15 +634,24 @@ mod tests {
         })
         .expect("valid")
         .rendered;
-        assert!(clustered.starts_with(&plain), "the standalone part is unchanged");
+        assert!(
+            clustered.starts_with(&plain),
+            "the standalone part is unchanged"
+        );
         assert!(clustered.contains("  name: \"c-0123\"\n"), "{clustered}");
-        assert!(clustered.contains("  listen: \"[fd00::1:0:0:0:1]:4723\"\n"), "{clustered}");
+        assert!(
+            clustered.contains("  listen: \"[fd00::1:0:0:0:1]:4723\"\n"),
+            "{clustered}"
+        );
         assert_eq!(
             clustered.matches("nats-route://").count(),
             1,
             "itself excluded, duplicates merged: {clustered}"
         );
-        assert!(clustered.contains("\"nats-route://[fd00::2:0:0:0:1]:4723\""), "{clustered}");
+        assert!(
+            clustered.contains("\"nats-route://[fd00::2:0:0:0:1]:4723\""),
+            "{clustered}"
+        );
     }
 
     #[test]

@@ -30,7 +30,8 @@ use crate::mesh::wg;
 const BINARY_NAME: &str = "ployz-tunnel";
 const BINARY_ENV: &str = "PLOYZ_TUNNEL_BIN";
 const BINARY_PLACES: &str = "next to the ployzd executable or on PATH";
-const BINARY_HINT: &str = "build it with `cargo build -p ployzd --bin ployz-tunnel` or set `PLOYZ_TUNNEL_BIN`";
+const BINARY_HINT: &str =
+    "build it with `cargo build -p ployzd --bin ployz-tunnel` or set `PLOYZ_TUNNEL_BIN`";
 /// Linux limits interface names to 15 bytes.
 const MAX_INTERFACE_NAME: usize = 15;
 
