@@ -492,6 +492,7 @@ impl Adder<'_> {
         let mut client = self.context.client(OPERATION_TIMEOUT).await?;
         let admitted = client
             .machine_admit(v1::MachineAdmitRequest {
+                operation_id: new_operation_id(),
                 machine_id: prepared.machine_id.clone(),
                 public_key: prepared.public_key.clone(),
                 endpoint: endpoint.to_string(),
@@ -544,6 +545,7 @@ impl Adder<'_> {
         let mut client = self.context.client(remaining + OPERATION_TIMEOUT).await?;
         let activated = client
             .machine_activate(v1::MachineActivateRequest {
+                operation_id: new_operation_id(),
                 machine_id: prepared.machine_id.clone(),
                 timeout_ms: u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX),
             })
@@ -768,6 +770,11 @@ fn last_line(text: &str) -> &str {
         .rev()
         .find(|line| !line.trim().is_empty())
         .unwrap_or("(no output)")
+}
+
+/// A fresh operation id for one recorded step of the join.
+fn new_operation_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// `text` as one single-quoted POSIX shell word.

@@ -338,6 +338,7 @@ impl v1::ployz_server::Ployz for ApiService {
         let admitted = self
             .daemon
             .machine_admit(
+                &request.operation_id,
                 &request.machine_id,
                 &request.public_key,
                 &request.endpoint,
@@ -345,10 +346,11 @@ impl v1::ployz_server::Ployz for ApiService {
                 &request.local_endpoint_ip,
             )
             .await;
-        reply(admitted.map(|admitted| v1::MachineAdmitResponse {
-            outcome: admitted.outcome.to_owned(),
-            ticket: admitted.ticket,
-            machine: Some(machine_entry(&admitted.machine, "")),
+        reply(admitted.map(|finished| v1::MachineAdmitResponse {
+            operation: Some(summary(&finished.record, finished.replayed)),
+            outcome: finished.result.outcome,
+            ticket: finished.result.ticket,
+            machine: Some(machine_entry(&finished.result.machine, "")),
         }))
     }
 
@@ -360,16 +362,21 @@ impl v1::ployz_server::Ployz for ApiService {
         let activated = self
             .daemon
             .machine_activate(
+                &request.operation_id,
                 &request.machine_id,
                 std::time::Duration::from_millis(u64::from(request.timeout_ms)),
             )
             .await;
-        reply(activated.map(|activated| v1::MachineActivateResponse {
-            outcome: activated.outcome.to_owned(),
-            machine: Some(machine_entry(&activated.machine, "reachable")),
-            handshake_unix_ms: activated.handshake_unix_ms,
-            store_servers: u32::try_from(activated.store_servers).unwrap_or(u32::MAX),
-            store_replicas: u32::try_from(activated.store_replicas).unwrap_or(u32::MAX),
+        reply(activated.map(|finished| {
+            let activated = finished.result;
+            v1::MachineActivateResponse {
+                operation: Some(summary(&finished.record, finished.replayed)),
+                outcome: activated.outcome,
+                machine: Some(machine_entry(&activated.machine, "reachable")),
+                handshake_unix_ms: activated.handshake_unix_ms,
+                store_servers: u32::try_from(activated.store_servers).unwrap_or(u32::MAX),
+                store_replicas: u32::try_from(activated.store_replicas).unwrap_or(u32::MAX),
+            }
         }))
     }
 

@@ -18,8 +18,12 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{Daemon, operations::store_error};
+use super::{
+    Daemon,
+    operations::{Finished, journal_error, recorded, replay, store_error},
+};
 use crate::{
+    coordination::{Begin, OperationId, OperationRun, StepStatus},
     error_chain,
     machine::{
         LocalIdentity, MachineRecord, Membership, NetworkName, identity::MeshIdentity,
@@ -111,15 +115,17 @@ pub struct JoinPrepared {
 }
 
 /// `MachineAdmit`'s answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Admitted {
-    pub outcome: &'static str,
+    pub outcome: String,
     pub ticket: String,
     pub machine: MachineRecord,
 }
 
 /// `MachineActivate`'s answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Activated {
-    pub outcome: &'static str,
+    pub outcome: String,
     pub machine: MachineRecord,
     pub handshake_unix_ms: u64,
     pub store_servers: usize,
@@ -388,6 +394,58 @@ impl Daemon {
     /// `joining`, peer with it, and issue its ticket.
     pub async fn machine_admit(
         &self,
+        operation: &str,
+        machine_id: &str,
+        public_key: &str,
+        endpoint: &str,
+        hostname: &str,
+        local_endpoint_ip: &str,
+    ) -> Result<Finished<Admitted>, ApiError> {
+        let operation = OperationId::parse(operation).map_err(journal_error)?;
+        let runtime = self.runtime().await?;
+        let request = serde_json::json!({
+            "machine_id": machine_id,
+            "public_key": public_key,
+            "endpoint": endpoint,
+            "hostname": hostname,
+            "local_endpoint_ip": local_endpoint_ip,
+        });
+        let run = match runtime
+            .journal
+            .begin(&operation, "machine_admit", &request)
+            .await
+            .map_err(journal_error)?
+        {
+            Begin::Replay(record) => return replay(record),
+            Begin::Run(run) => run,
+        };
+        let admitted = self
+            .admit(
+                machine_id,
+                public_key,
+                endpoint,
+                hostname,
+                local_endpoint_ip,
+            )
+            .await;
+        finish(run, "admit", admitted, |admitted| {
+            format!(
+                "machine {} {}: subnet {}",
+                admitted.machine.id,
+                admitted.outcome,
+                admitted
+                    .machine
+                    .mesh
+                    .as_ref()
+                    .map(|m| m.overlay_address.to_string())
+                    .unwrap_or_default()
+            )
+        })
+        .await
+    }
+
+    async fn admit(
+        &self,
         machine_id: &str,
         public_key: &str,
         endpoint: &str,
@@ -447,7 +505,7 @@ impl Daemon {
             }
             if record.membership == Membership::Active {
                 return Ok(Admitted {
-                    outcome: "already_member",
+                    outcome: "already_member".to_owned(),
                     ticket: String::new(),
                     machine: record,
                 });
@@ -526,7 +584,7 @@ impl Daemon {
         let ticket = serde_json::to_string(&ticket)
             .map_err(|error| ApiError::new(ErrorClass::Internal, "ticket", error.to_string()))?;
         Ok(Admitted {
-            outcome: "admitted",
+            outcome: "admitted".to_owned(),
             ticket,
             machine: record,
         })
@@ -574,9 +632,11 @@ impl Daemon {
     /// store three ways once there are three machines.
     pub async fn machine_activate(
         &self,
+        operation: &str,
         machine_id: &str,
         timeout: Duration,
-    ) -> Result<Activated, ApiError> {
+    ) -> Result<Finished<Activated>, ApiError> {
+        let operation = OperationId::parse(operation).map_err(journal_error)?;
         let runtime = self.runtime().await?;
         let timeout = if timeout.is_zero() {
             DEFAULT_ACTIVATE_TIMEOUT
@@ -669,6 +729,50 @@ impl Daemon {
                 })?;
             runtime = self.cluster_store(runtime, route, deadline).await?;
         }
+        // Recorded from here: the store the operation is recorded in is the
+        // one that stays (turning NATS into a cluster moved it).
+        let request = serde_json::json!({ "machine_id": machine_id });
+        let mut run = match runtime
+            .journal
+            .begin(&operation, "machine_activate", &request)
+            .await
+            .map_err(journal_error)?
+        {
+            Begin::Replay(record) => return replay(record),
+            Begin::Run(run) => run,
+        };
+        let _ = run
+            .step(
+                "handshake",
+                StepStatus::Done,
+                format!("handshake at {} ms", handshake.as_millis()),
+            )
+            .await;
+        let activated = self
+            .activate_member(&runtime, &key, machine_id, handshake, deadline, timeout)
+            .await;
+        finish(run, "activate", activated, |activated| {
+            format!(
+                "machine {} {}; store: {} servers, {} replicas",
+                activated.machine.id,
+                activated.outcome,
+                activated.store_servers,
+                activated.store_replicas
+            )
+        })
+        .await
+    }
+
+    async fn activate_member(
+        &self,
+        runtime: &super::ClusterRuntime,
+        key: &crate::store::Key,
+        machine_id: &str,
+        handshake: Duration,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Activated, ApiError> {
+        let key = key.clone();
         let store = &runtime.store;
         let members = list_members(store).await?;
         let servers = members
@@ -738,7 +842,7 @@ impl Daemon {
             }
         };
         Ok(Activated {
-            outcome,
+            outcome: outcome.to_owned(),
             machine: record,
             handshake_unix_ms: u64::try_from(handshake.as_millis()).unwrap_or(u64::MAX),
             store_servers: servers,
@@ -935,6 +1039,34 @@ impl Daemon {
             }
         }))
         .await
+    }
+}
+
+/// Records `result` as the operation's last step and its outcome.
+async fn finish<T: Serialize>(
+    mut run: OperationRun<NatsStore>,
+    step: &str,
+    result: Result<T, ApiError>,
+    detail: impl FnOnce(&T) -> String,
+) -> Result<Finished<T>, ApiError> {
+    match result {
+        Ok(value) => {
+            run.step(step, StepStatus::Done, detail(&value))
+                .await
+                .map_err(journal_error)?;
+            let record = run.succeed(&value).await.map_err(journal_error)?;
+            Ok(Finished {
+                record,
+                result: value,
+                replayed: false,
+            })
+        }
+        Err(error) => {
+            if let Err(journal) = run.fail(recorded(&error)).await {
+                tracing::warn!(error = %error_chain(&journal), "cannot record the operation's failure");
+            }
+            Err(error)
+        }
     }
 }
 

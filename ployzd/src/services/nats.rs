@@ -594,7 +594,7 @@ mod tests {
             },
             NatsSidecarConfig {
                 cluster: Some(NatsClusterConfig {
-                    routes: vec!["[fd00::3:0:0:0:1]:4723".parse().expect("route")],
+                    routes: vec!["[fd00:0:0:3::1]:4723".parse().expect("route")],
                     ..cluster()
                 }),
                 ..config()
@@ -615,11 +615,11 @@ mod tests {
     fn cluster() -> NatsClusterConfig {
         NatsClusterConfig {
             name: "c-0123".into(),
-            listen: "[fd00::1:0:0:0:1]:4723".parse().expect("listen"),
+            listen: "[fd00:0:0:1::1]:4723".parse().expect("listen"),
             routes: vec![
-                "[fd00::2:0:0:0:1]:4723".parse().expect("route"),
-                "[fd00::1:0:0:0:1]:4723".parse().expect("route"),
-                "[fd00::2:0:0:0:1]:4723".parse().expect("route"),
+                "[fd00:0:0:2::1]:4723".parse().expect("route"),
+                "[fd00:0:0:1::1]:4723".parse().expect("route"),
+                "[fd00:0:0:2::1]:4723".parse().expect("route"),
             ],
         }
     }
@@ -640,7 +640,7 @@ mod tests {
         );
         assert!(clustered.contains("  name: \"c-0123\"\n"), "{clustered}");
         assert!(
-            clustered.contains("  listen: \"[fd00::1:0:0:0:1]:4723\"\n"),
+            clustered.contains("  listen: \"[fd00:0:0:1::1]:4723\"\n"),
             "{clustered}"
         );
         assert_eq!(
@@ -649,7 +649,7 @@ mod tests {
             "itself excluded, duplicates merged: {clustered}"
         );
         assert!(
-            clustered.contains("\"nats-route://[fd00::2:0:0:0:1]:4723\""),
+            clustered.contains("\"nats-route://[fd00:0:0:2::1]:4723\""),
             "{clustered}"
         );
     }
