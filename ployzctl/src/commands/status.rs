@@ -78,7 +78,11 @@ fn render(status: &v1::StatusResponse) -> String {
             daemon.socket
         );
     }
-    for (name, subsystem) in [("runtime", &status.runtime), ("storage", &status.storage)] {
+    for (name, subsystem) in [
+        ("mesh", &status.mesh),
+        ("runtime", &status.runtime),
+        ("storage", &status.storage),
+    ] {
         if let Some(subsystem) = subsystem {
             let state = if subsystem.available {
                 "available"

@@ -162,7 +162,12 @@ impl v1::ployz_server::Ployz for ApiService {
             reachable: answered(super::routing::Component::Dns),
             ..routing_sidecar(&facts, super::routing::Component::Dns)
         };
+        let (mesh_available, mesh_detail) = daemon.mesh_summary().await;
         reply(Ok(v1::StatusResponse {
+            mesh: Some(v1::DataPathStatus {
+                available: mesh_available,
+                detail: mesh_detail,
+            }),
             daemon: Some(v1::DaemonStatus {
                 version: VERSION.to_owned(),
                 pid: std::process::id(),

@@ -1024,6 +1024,47 @@ impl Daemon {
         })
     }
 
+    /// One line on the overlay for `status`: whether the tunnel runs, and
+    /// what it carries, asked now.
+    pub async fn mesh_summary(&self) -> (bool, String) {
+        let Some(mesh) = self.mesh_runtime.lock().await.clone() else {
+            return (
+                false,
+                "not started: this machine has no network yet".to_owned(),
+            );
+        };
+        let status = mesh.tunnel.status();
+        let running = status.state == crate::services::SidecarState::Running;
+        let peers = match tokio::time::timeout(PROBE_TIMEOUT, wg::get(&mesh.socket())).await {
+            Ok(Ok(snapshot)) => {
+                let shaken = snapshot
+                    .peers
+                    .iter()
+                    .filter(|peer| peer.last_handshake.is_some())
+                    .count();
+                format!(
+                    "{} peer(s), {shaken} with a handshake",
+                    snapshot.peers.len()
+                )
+            }
+            Ok(Err(error)) => format!("tunnel does not answer: {}", error_chain(&error)),
+            Err(_) => format!("tunnel does not answer within {PROBE_TIMEOUT:?}"),
+        };
+        (
+            running,
+            format!(
+                "ployz-tunnel pid {} ({}) on {} port {}; overlay {} in {}/{}; {peers}",
+                status.pid.unwrap_or(0),
+                status.origin.kind(),
+                mesh.spec.interface,
+                mesh.spec.listen_port,
+                mesh.overlay_address(),
+                mesh.spec.subnet.base(),
+                crate::mesh::addressing::Subnet::PREFIX_LEN,
+            ),
+        )
+    }
+
     /// Live reachability of every member, for `machine ls`.
     pub(super) async fn observe_machines(
         &self,
