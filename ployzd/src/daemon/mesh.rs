@@ -1331,3 +1331,83 @@ pub struct MeshError(String);
 pub fn public_key_text(key: &Key) -> String {
     encode_key(&key.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, index: u16, membership: Membership) -> MachineRecord {
+        let prefix: OverlayPrefix = "fd12:3456:789a::/48".parse().expect("prefix");
+        let subnet = prefix.subnet(SubnetIndex::new(index).expect("index"));
+        MachineRecord {
+            id: id.to_owned(),
+            hostname: format!("host-{index}"),
+            network: NetworkName::parse("prod").expect("name"),
+            membership,
+            joined_at_unix_ms: 1,
+            mesh: Some(MachineMesh {
+                public_key: encode_key(&[u8::try_from(index).unwrap_or(0); 32]),
+                endpoint: Some(SocketAddr::from(([10, 0, 0, 1], 51820))),
+                subnet: subnet.index(),
+                overlay_address: subnet.machine_address(),
+            }),
+        }
+    }
+
+    #[test]
+    fn peers_are_every_other_member_with_mesh_facts() {
+        let mut legacy = member("m-3", 3, Membership::Active);
+        legacy.mesh = None;
+        let members = [
+            member("m-1", 1, Membership::Active),
+            member("m-2", 2, Membership::Joining),
+            legacy,
+        ];
+        let peers = known_peers("m-1", &members);
+        assert_eq!(
+            peers.len(),
+            1,
+            "itself and a member without mesh facts are left out"
+        );
+        assert_eq!(peers[0].machine_id, "m-2");
+        let prefix: OverlayPrefix = "fd12:3456:789a::/48".parse().expect("prefix");
+        let specs = peer_specs(prefix, &peers);
+        assert_eq!(specs.len(), 1);
+        assert_eq!(
+            specs[0].subnet.machine_address().to_string(),
+            "fd12:3456:789a:2::1"
+        );
+    }
+
+    #[test]
+    fn a_peer_with_an_unreadable_key_is_skipped_not_applied() {
+        let peers = [KnownPeer {
+            machine_id: "m-9".to_owned(),
+            public_key: "not base64!".to_owned(),
+            endpoint: None,
+            subnet: SubnetIndex::new(9).expect("index"),
+        }];
+        let prefix: OverlayPrefix = "fd12:3456:789a::/48".parse().expect("prefix");
+        assert!(peer_specs(prefix, &peers).is_empty());
+    }
+
+    #[test]
+    fn a_ticket_round_trips_and_unknown_fields_are_refused() {
+        let ticket = JoinTicket {
+            network: NetworkName::parse("prod").expect("name"),
+            cluster_id: "c-1".to_owned(),
+            machine_id: "m-2".to_owned(),
+            prefix: "fd12:3456:789a::/48".parse().expect("prefix"),
+            subnet: SubnetIndex::new(2).expect("index"),
+            peers: known_peers("m-2", &[member("m-1", 1, Membership::Active)]),
+            routes: vec!["[fd12:3456:789a:1::1]:4723".parse().expect("route")],
+        };
+        let text = serde_json::to_string(&ticket).expect("encode");
+        assert_eq!(
+            serde_json::from_str::<JoinTicket>(&text).expect("decode"),
+            ticket
+        );
+        let tampered = text.replacen('{', "{\"extra\":1,", 1);
+        assert!(serde_json::from_str::<JoinTicket>(&tampered).is_err());
+    }
+}
