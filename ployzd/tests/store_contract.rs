@@ -15,7 +15,8 @@ use std::{
 
 use futures::StreamExt;
 use ployzd::store::{
-    Key, KeyPrefix, Record, Revision, Store, StoreError, WatchEvent, WatchStream,
+    EventLog, Key, KeyPrefix, Record, RecordStore, Revision, Store, StoreError, WatchEvent,
+    WatchStream,
     lease::{LeaseError, Leases},
     nats::{NatsStore, NatsStoreConfig},
 };
@@ -66,6 +67,76 @@ contract!(
 );
 
 const WATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Moving the store into a new JetStream (what a machine does when its NATS
+/// becomes clustered): an export imported elsewhere holds the same live
+/// records and the same events in the same order; deleted records stay gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_imported_into_another_server_keeps_records_and_event_order() {
+    let (from_server, to_server) = (NatsServer::start(), NatsServer::start());
+    let (from, to) = (from_server.connect().await, to_server.connect().await);
+    let revision = from
+        .create(&key("machines.a"), b"a1".to_vec())
+        .await
+        .expect("create");
+    from.update(&key("machines.a"), b"a2".to_vec(), revision)
+        .await
+        .expect("update");
+    from.create(&key("machines.b"), b"b1".to_vec())
+        .await
+        .expect("create");
+    from.create(&key("subnets.0001"), b"s1".to_vec())
+        .await
+        .expect("create");
+    from.delete(&key("machines.b"), None).await.expect("delete");
+    for (topic, payload) in [("ops.x", "one"), ("ops.y", "two"), ("ops.x", "three")] {
+        from.append(&key(topic), payload.as_bytes().to_vec())
+            .await
+            .expect("append");
+    }
+
+    let export = from.export().await.expect("export");
+    to.import(&export).await.expect("import");
+
+    let values = |records: Vec<Record>| -> Vec<(String, Vec<u8>)> {
+        records
+            .into_iter()
+            .map(|record| (record.key.to_string(), record.value))
+            .collect()
+    };
+    assert_eq!(
+        values(to.list(&prefix("machines")).await.expect("list")),
+        vec![("machines.a".to_owned(), b"a2".to_vec())]
+    );
+    assert_eq!(
+        values(to.list(&prefix("subnets")).await.expect("list")),
+        values(from.list(&prefix("subnets")).await.expect("list"))
+    );
+    let events = |store: &NatsStore| {
+        let store = store.clone();
+        async move {
+            store
+                .read(&prefix("ops"), 1, 100)
+                .await
+                .expect("read")
+                .into_iter()
+                .map(|event| (event.topic.to_string(), event.payload))
+                .collect::<Vec<_>>()
+        }
+    };
+    let moved = events(&to).await;
+    assert_eq!(moved, events(&from).await);
+    assert_eq!(moved.len(), 3);
+    // The imported store is a working store, not a copy frozen in place.
+    let current = to
+        .get(&key("machines.a"))
+        .await
+        .expect("get")
+        .expect("present");
+    to.update(&key("machines.a"), b"a3".to_vec(), current.revision)
+        .await
+        .expect("update after import");
+}
 
 fn key(key: &str) -> Key {
     Key::new(key).expect("valid key")

@@ -47,6 +47,8 @@ const KEY_FILE: &str = "mesh/private.key";
 const PEER_CACHE_FILE: &str = "mesh/peers.json";
 /// A machine between `MeshJoinPrepare` and `MeshJoin`: the id it will use.
 const PENDING_JOIN_FILE: &str = "join.json";
+/// A store move whose import has not finished.
+const PENDING_IMPORT_FILE: &str = "nats/pending-import.json";
 /// Bound on one reachability probe of a peer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long `MachineActivate` waits unless told otherwise.
@@ -101,6 +103,12 @@ pub struct JoinTicket {
 struct PendingJoin {
     machine_id: String,
     network: NetworkName,
+}
+
+/// A store move in progress: the export still to be imported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct PendingImport {
+    export: PathBuf,
 }
 
 /// `MeshJoinPrepare`'s answer.
@@ -159,6 +167,43 @@ impl Daemon {
 
     fn peer_cache_path(&self) -> PathBuf {
         self.config.data_dir.join(PEER_CACHE_FILE)
+    }
+
+    fn pending_import_path(&self) -> PathBuf {
+        self.config.data_dir.join(PENDING_IMPORT_FILE)
+    }
+
+    /// Finishes a store move: imports the export a marker names into
+    /// `store` (the new, clustered one), then removes the marker. Runs before
+    /// anything reads the new store, also after a daemon restart mid-move.
+    pub(super) async fn finish_store_move(
+        &self,
+        store: &NatsStore,
+    ) -> Result<(), crate::store::StoreError> {
+        let _guard = self.store_move_lock.lock().await;
+        let marker = self.pending_import_path();
+        let Some(pending) = read_json::<PendingImport>(&marker) else {
+            return Ok(());
+        };
+        let export: crate::store::nats::StoreExport =
+            read_json(&pending.export).ok_or_else(|| crate::store::StoreError::Backend {
+                context: format!(
+                    "the store move's export {} is missing or unreadable",
+                    pending.export.display()
+                ),
+                source: None,
+            })?;
+        store.import(&export).await?;
+        std::fs::remove_file(&marker).map_err(|error| crate::store::StoreError::Backend {
+            context: format!("cannot remove {}", marker.display()),
+            source: Some(Box::new(error)),
+        })?;
+        tracing::info!(
+            records = export.records.len(),
+            events = export.events.len(),
+            "store moved into the cluster"
+        );
+        Ok(())
     }
 
     fn keys(&self) -> Result<KeyPair, ApiError> {
@@ -868,9 +913,15 @@ impl Daemon {
         let export = runtime.store.export().await.map_err(store_error)?;
         let nats_dir = self.config.data_dir.join("nats");
         let stamp = now_unix_ms();
+        let export_path = nats_dir.join(format!("standalone-export-{stamp}.json"));
+        write_json(&export_path, &export)?;
+        // Until the import is done, a restarted daemon must finish it: the
+        // marker names the export to import into the new store.
         write_json(
-            &nats_dir.join(format!("standalone-export-{stamp}.json")),
-            &export,
+            &self.pending_import_path(),
+            &PendingImport {
+                export: export_path,
+            },
         )?;
         let standalone = runtime.identity.clone();
         let mut clustered = standalone.clone();
@@ -915,15 +966,8 @@ impl Daemon {
             let wait = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_secs(10));
-            let mut config = crate::store::nats::NatsStoreConfig::new(sidecars.nats.client_url());
-            config.startup_timeout = wait;
-            let store = NatsStore::connect(config).await.map_err(store_error)?;
-            store.import(&export).await.map_err(store_error)?;
-            tracing::info!(
-                records = export.records.len(),
-                events = export.events.len(),
-                "store moved into the cluster"
-            );
+            // `connect_store` imports the export the marker names before
+            // anything reads the new store.
             self.connect_store(&sidecars, wait)
                 .await
                 .map_err(super::operations::bring_up_error)
@@ -942,6 +986,7 @@ impl Daemon {
                 if aside.exists() {
                     let _ = std::fs::rename(&aside, &store_dir);
                 }
+                let _ = std::fs::remove_file(self.pending_import_path());
                 standalone
                     .store(&self.config.data_dir)
                     .map_err(identity_api_error)?;

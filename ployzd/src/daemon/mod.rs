@@ -63,6 +63,8 @@ pub struct Daemon {
     identity_lock: Mutex<()>,
     /// Serializes bringing up the overlay and NATS.
     sidecars_lock: Mutex<()>,
+    /// Serializes finishing a store move, so an export is imported once.
+    store_move_lock: Mutex<()>,
     /// The overlay, once up; it is brought up once per daemon.
     mesh_runtime: Mutex<Option<Arc<mesh::MeshRuntime>>>,
     /// The NATS sidecar as last ensured, with its supervisor running.
@@ -148,6 +150,7 @@ impl Daemon {
             cluster: RwLock::new(ClusterState::Uninitialized),
             identity_lock: Mutex::new(()),
             sidecars_lock: Mutex::new(()),
+            store_move_lock: Mutex::new(()),
             mesh_runtime: Mutex::new(None),
             nats_sidecar: Mutex::new(None),
             routing: Mutex::new(Vec::new()),
@@ -368,6 +371,7 @@ impl Daemon {
         let mut store_config = NatsStoreConfig::new(sidecars.nats.client_url());
         store_config.startup_timeout = timeout;
         let store = NatsStore::connect(store_config).await?;
+        self.finish_store_move(&store).await?;
         let mut state = self.cluster.write().await;
         if let ClusterState::Ready(runtime) = &*state {
             return Ok(runtime.clone());

@@ -27,6 +27,8 @@ use crate::{
     time::now_unix_ms,
 };
 
+/// How long `machine ls` waits for the store's list.
+const LIST_TIMEOUT: Duration = Duration::from_secs(7);
 /// How long a live observation made for `status` or `machine ls` may take.
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -350,10 +352,19 @@ impl Daemon {
     /// `machine ls`: membership records plus a live observation of each.
     pub async fn list_machines(&self) -> Result<Vec<ObservedMachine>, ApiError> {
         let runtime = self.runtime().await?;
-        let records = runtime
-            .store
-            .list(&MachineRecord::prefix())
+        // Bounded below the CLI's read timeout, so a store busy replacing a
+        // lost leader answers with a reason instead of a cut-off call.
+        let records = tokio::time::timeout(LIST_TIMEOUT, runtime.store.list(&MachineRecord::prefix()))
             .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorClass::Unavailable,
+                    "store_slow",
+                    format!(
+                        "the store did not list the machines within {LIST_TIMEOUT:?}; after losing a machine it elects new leaders for a few seconds: retry"
+                    ),
+                )
+            })?
             .map_err(store_error)?;
         let records = records
             .iter()
