@@ -385,4 +385,29 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         assert_eq!(lost["membership"], "active", "{listed}");
         assert_eq!(lost["observed"], "unreachable", "{listed}");
     }
+
+    // Back on the underlay, machine 3 catches up: it sees both others over
+    // the mesh again and its store takes writes, with no command run for it.
+    cluster
+        .restore(three)
+        .expect("put machine 3 back on the underlay");
+    let recovered = wait_until(Duration::from_secs(90), "machine 3 to rejoin", || {
+        let output = ployzctl(three, &["--json", "machine", "ls"]);
+        let Ok(listed) = serde_json::from_slice::<Value>(&output.stdout) else {
+            return false;
+        };
+        listed["machines"].as_array().is_some_and(|machines| {
+            machines.len() == 3
+                && machines
+                    .iter()
+                    .all(|m| m["observed"] == "self" || m["observed"] == "reachable")
+        })
+    });
+    assert!(
+        recovered.is_ok(),
+        "machine 3 did not come back: {}",
+        describe(&ployzctl(three, &["machine", "ls"]))
+    );
+    let write = ployzctl_json(three, &["mesh", "init", NETWORK]);
+    assert_eq!(write["outcome"], "already_initialized", "{write}");
 }
