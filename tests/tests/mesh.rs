@@ -220,6 +220,37 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         assert!(peer.rx_bytes > 0 && peer.tx_bytes > 0, "{peer:?}");
     }
 
+    // `mesh status` tells the same from ployzd: each peer's endpoint, last
+    // handshake, bytes and reachability observed now.
+    let status = ployzctl_json(one, &["mesh", "status"]);
+    let mesh_peers = status["peers"].as_array().expect("peers");
+    assert_eq!(mesh_peers.len(), 2, "{status}");
+    for peer in mesh_peers {
+        assert!(
+            peer["machine_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("m-")),
+            "{status}"
+        );
+        assert!(
+            peer["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(":51820")),
+            "{status}"
+        );
+        assert!(
+            peer["last_handshake_unix_ms"]
+                .as_u64()
+                .is_some_and(|at| at > 0),
+            "{status}"
+        );
+        assert!(
+            peer["rx_bytes"].as_u64().is_some_and(|bytes| bytes > 0),
+            "{status}"
+        );
+        assert_eq!(peer["observed"], "reachable", "{status}");
+    }
+
     // A second add of a member is a no-op that says so.
     let again = machine_add(&cluster, one, &[two], &key);
     assert!(again.status.success(), "{}", describe(&again));
