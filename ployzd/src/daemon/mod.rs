@@ -8,6 +8,7 @@ pub mod api;
 pub mod backends;
 pub mod config;
 mod deploy;
+mod join;
 mod mesh;
 mod operations;
 pub(crate) mod routing;
