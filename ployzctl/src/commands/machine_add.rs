@@ -124,6 +124,7 @@ pub async fn add(
     }
     let binaries = local_binaries()?;
     let mut results = Vec::new();
+    let mut failure = None;
     for target in targets {
         let adder = Adder {
             context,
@@ -135,17 +136,33 @@ pub async fn add(
         match adder.run(&binaries).await {
             Ok(result) => results.push(result),
             Err(error) => {
-                return Err(ApiError::new(
+                failure = Some(ApiError::new(
                     error.class,
                     error.code.clone(),
                     format!("{target}: {}", error.message),
                 ));
+                // The targets after a failed one are left alone: the
+                // operator reruns the same command once the cause is fixed.
+                break;
             }
         }
     }
+    // Targets added before a failure stay added: report them either way
+    // (stdout), and the failure as usual (stderr, exit status).
+    if let Some(error) = failure {
+        if !results.is_empty() {
+            emit_results(context, &results);
+        }
+        return Err(error);
+    }
+    emit_results(context, &results);
+    Ok(())
+}
+
+fn emit_results(context: &Context<'_>, results: &[AddResult]) {
     context.output.emit(&results, || {
         let mut text = String::new();
-        for result in &results {
+        for result in results {
             let what = if result.outcome == "already_member" {
                 "already a member; nothing changed"
             } else {
@@ -166,7 +183,6 @@ pub async fn add(
         }
         text
     });
-    Ok(())
 }
 
 /// One local binary to install: its name, path and checksum.
