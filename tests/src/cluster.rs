@@ -29,6 +29,8 @@ use crate::{kill as send_signal, process_alive, process_start_time, wait_until};
 const NAME_PREFIX: &str = "pz";
 /// Linux limits interface names to 15 bytes (IFNAMSIZ - 1).
 const MAX_INTERFACE_NAME: usize = 15;
+/// Linux keeps the first 15 bytes of a process name (TASK_COMM_LEN - 1).
+const MAX_COMM: usize = 15;
 /// The interface name of a host's end of its veth pair, inside its namespace.
 const UNDERLAY_INTERFACE: &str = "ul0";
 /// Comment marking our iptables rules, so stale ones can be found and removed.
@@ -39,6 +41,14 @@ const DOCKER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const SSHD_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a dockerd may take to stop after SIGTERM before it is killed.
 const DOCKER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the processes left in a host's namespace (ployzd and its detached
+/// sidecars) may take to exit after SIGTERM before they are killed.
+const NAMESPACE_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Where wireguard-tools and wireguard-go look for UAPI sockets (`/var/run`
+/// is a link to `/run`).
+const WG_SOCKET_DIR: &str = "/run/wireguard";
+/// The directories under [`Host::ployz_dir`] made with the host.
+const PLOYZ_SUBDIRS: [&str; 4] = ["data", "bin", "wireguard", "volumes"];
 
 /// Clusters made by this process so far; part of every name.
 static CLUSTER_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -67,6 +77,7 @@ impl ClusterBuilder {
 
     /// Host `index` (0-based) has no TUN device: its sshd, and so every SSH
     /// session, runs in a mount namespace where `/dev/net` is an empty tmpfs.
+    /// Only sessions are affected: [`Host::command`] still sees the device.
     pub fn without_tun(mut self, index: usize) -> Self {
         self.without_tun.insert(index);
         self
@@ -330,6 +341,10 @@ impl Cluster {
             children: Mutex::new(Vec::new()),
             spawned: AtomicU32::new(0),
         };
+        for sub in PLOYZ_SUBDIRS {
+            let path = host.ployz_dir().join(sub);
+            fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        }
         // Namespace first, so a half-made host is still found and removed.
         run(Command::new("ip").args(["netns", "add", &host.name]))?;
         run(Command::new("ip").args(["-n", &host.name, "link", "set", "lo", "up"]))?;
@@ -388,8 +403,17 @@ impl Cluster {
         }
         for host in &self.hosts {
             host.kill_children();
+        }
+        // What is left runs detached in the namespaces: ployzd and the sidecars
+        // it started through SSH. Ask them all at once, then kill the rest.
+        let names: Vec<&str> = self.hosts.iter().map(|host| host.name.as_str()).collect();
+        terminate_namespaces(&names, NAMESPACE_STOP_TIMEOUT);
+        for host in &self.hosts {
             remove_host_objects(&host.name);
             remove_cgroup(&host.cgroup_parent());
+            // A mount left under the host's directory in our namespace would
+            // make removing the directory reach into what it mounts.
+            unmount_under(host.dir.path());
         }
         for rule in &self.iptables_rules {
             let _ = Command::new("iptables")
@@ -502,23 +526,42 @@ impl Host {
         command
     }
 
-    /// Peers of the WireGuard interface `interface` as `wg show <interface>
-    /// dump` (wireguard-tools) reports them, run inside the host. The UAPI
-    /// socket lives in the host's own directory; `wg` looks in
-    /// /var/run/wireguard, so the directory is bind-mounted there in the
-    /// private mount namespace `ip netns exec` gives the command.
-    pub fn wg_peers(&self, interface: &str) -> Result<Vec<WgPeer>> {
+    /// A command that runs `args` (program first) inside this host's
+    /// namespace with the host's UAPI socket directory
+    /// (`<ployz dir>/wireguard`) mounted at `/var/run/wireguard`, where
+    /// wireguard-tools and wireguard-go look for sockets. The mounts live in
+    /// the private mount namespace `ip netns exec` gives the command, so the
+    /// root namespace's `/run` is left as it was (a tmpfs covers `/run` when it
+    /// has no `wireguard` directory, rather than creating one there; the
+    /// host's directory must then not be under `/run`, and tempdirs are not).
+    pub fn wg_command(&self, args: &[&str]) -> Command {
         let uapi = self.ployz_dir().join("wireguard");
         let script = format!(
-            "mkdir -p /var/run/wireguard && mount --bind '{}' /var/run/wireguard && exec wg show '{interface}' dump",
-            uapi.display()
+            "set -e; \
+             if [ ! -d {WG_SOCKET_DIR} ]; then \
+             mount -t tmpfs -o size=64k,mode=755 tmpfs /run; mkdir {WG_SOCKET_DIR}; fi; \
+             mount --bind {} {WG_SOCKET_DIR}; exec \"$@\"",
+            shell_quote(&uapi.display().to_string()),
         );
-        let output = self
-            .command("sh")
-            .args(["-c", &script])
+        let mut command = self.command("sh");
+        command.args(["-c", &script, "wg-uapi"]).args(args);
+        command
+    }
+
+    /// Runs `wg show <interface> dump` inside the host, against the userspace
+    /// tunnel whose UAPI socket is `<ployz dir>/wireguard/<interface>.sock`
+    /// (see [`Host::wg_command`]).
+    pub fn wg_show(&self, interface: &str) -> Output {
+        self.wg_command(&["wg", "show", interface, "dump"])
             .stdin(Stdio::null())
             .output()
-            .context("run wg show")?;
+            .expect("run `ip netns exec`")
+    }
+
+    /// Peers of the WireGuard interface `interface`, parsed from
+    /// [`Host::wg_show`]; fails when `wg` does.
+    pub fn wg_peers(&self, interface: &str) -> Result<Vec<WgPeer>> {
+        let output = self.wg_show(interface);
         ensure!(
             output.status.success(),
             "wg show {interface} on {} failed ({}): {}",
@@ -527,6 +570,25 @@ impl Host {
             String::from_utf8_lossy(&output.stderr).trim()
         );
         parse_wg_dump(&String::from_utf8_lossy(&output.stdout))
+    }
+
+    /// Sends `signal` to every process in this host's namespace whose
+    /// `/proc/<pid>/comm` is `name` (the kernel keeps its first 15 bytes, and
+    /// so does the comparison); returns their pids.
+    pub fn kill_named(&self, name: &str, signal: i32) -> Vec<u32> {
+        let wanted = &name.as_bytes()[..name.len().min(MAX_COMM)];
+        let pids: Vec<u32> = self
+            .pids()
+            .into_iter()
+            .filter(|pid| {
+                fs::read(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.strip_suffix(b"\n").unwrap_or(&comm) == wanted)
+            })
+            .collect();
+        for pid in &pids {
+            send_signal(*pid, signal);
+        }
+        pids
     }
 
     /// Runs `args` (program first) inside the host's namespace and waits for
@@ -559,10 +621,17 @@ impl Host {
     /// An OpenSSH client running in this host's namespace, logging in as root
     /// on `target` with the cluster's key; append the remote command.
     pub fn ssh_command(&self, target: &Host) -> Command {
+        self.ssh_command_to(&target.address.to_string(), &self.ssh_key)
+    }
+
+    /// An OpenSSH client running in this host's namespace, logging in as root
+    /// on `address` with the private key `key` and nothing else (no agent, no
+    /// config); append the remote command.
+    pub fn ssh_command_to(&self, address: &str, key: &Path) -> Command {
         let mut command = self.command("ssh");
         command
             .args(["-F", "/dev/null", "-i"])
-            .arg(&self.ssh_key)
+            .arg(key)
             .args([
                 "-o",
                 "StrictHostKeyChecking=no",
@@ -577,7 +646,7 @@ impl Host {
                 "-o",
                 "ConnectTimeout=5",
             ])
-            .arg(format!("root@{}", target.address))
+            .arg(format!("root@{address}"))
             .stdin(Stdio::null());
         command
     }
@@ -682,10 +751,6 @@ impl Host {
                 .collect::<Vec<_>>()
                 .join(" "),
         );
-        for sub in ["data", "bin", "wireguard", "volumes"] {
-            fs::create_dir_all(self.ployz_dir().join(sub))
-                .with_context(|| format!("create {}", self.ployz_dir().join(sub).display()))?;
-        }
         let config_path = dir.join("sshd_config");
         fs::write(&config_path, config).context("write sshd_config")?;
         let command = if self.without_tun {
@@ -696,8 +761,8 @@ impl Host {
             command.args([
                 "-c",
                 &format!(
-                    "mount -t tmpfs -o size=64k tmpfs /dev/net && exec /usr/sbin/sshd -D -e -f '{}'",
-                    config_path.display()
+                    "mount -t tmpfs -o size=64k,mode=755 tmpfs /dev/net && exec /usr/sbin/sshd -D -e -f {}",
+                    shell_quote(&config_path.display().to_string())
                 ),
             ]);
             command
@@ -797,12 +862,17 @@ impl Host {
 /// One peer as `wg show <interface> dump` prints it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgPeer {
+    /// The peer's public key, base64.
     pub public_key: String,
+    /// Where the peer was last heard from or was configured to be, if anywhere.
     pub endpoint: Option<String>,
+    /// The prefixes routed to the peer, in `wg`'s order.
     pub allowed_ips: Vec<String>,
     /// Seconds since the Unix epoch; 0 when there was none.
     pub latest_handshake_unix: u64,
+    /// Bytes received from the peer.
     pub rx_bytes: u64,
+    /// Bytes sent to the peer.
     pub tx_bytes: u64,
 }
 
@@ -899,6 +969,11 @@ impl Footprint {
         }
         left
     }
+}
+
+/// `text` in single quotes for `sh`.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// Runs `command`, failing with its stderr when it does not succeed.
@@ -1076,6 +1151,65 @@ fn namespace_pids(name: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Sends SIGTERM to every process in the namespaces `names` and waits up to
+/// `timeout` for them to exit (what remains is killed by [`remove_host_objects`]).
+fn terminate_namespaces(names: &[&str], timeout: Duration) {
+    let pids: Vec<u32> = names.iter().flat_map(|name| namespace_pids(name)).collect();
+    if pids.is_empty() {
+        return;
+    }
+    for pid in &pids {
+        send_signal(*pid, libc::SIGTERM);
+    }
+    let _ = wait_until(timeout, "namespace processes to exit", || {
+        pids.iter().all(|pid| !process_alive(*pid))
+    });
+}
+
+/// Lazily unmounts every mount point at or below `dir` in our mount namespace,
+/// deepest first.
+fn unmount_under(dir: &Path) {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    // Field 5 is the mount point, with spaces and the like octal-escaped.
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| PathBuf::from(unescape_mount_point(point)))
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    for point in points {
+        let _ = Command::new("umount").arg("-l").arg(&point).output();
+    }
+}
+
+/// Undoes the `\ooo` escapes of a mount point in `/proc/self/mountinfo`.
+fn unescape_mount_point(point: &str) -> String {
+    let bytes = point.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let octal = bytes.get(index + 1..index + 4).and_then(|digits| {
+            std::str::from_utf8(digits)
+                .ok()
+                .and_then(|digits| u8::from_str_radix(digits, 8).ok())
+        });
+        match (bytes[index], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                index += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Removes the namespace `name` with everything running in it, and its veth.
 fn remove_host_objects(name: &str) {
     let _ = wait_until(Duration::from_secs(5), "namespace processes to die", || {
@@ -1233,6 +1367,19 @@ mod tests {
         assert_eq!(owner_pid("pzxyn1h1"), None);
         assert_eq!(owner_pid("eth0"), None);
     }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(unescape_mount_point("/tmp/a\\040b"), "/tmp/a b");
+        assert_eq!(unescape_mount_point("/tmp/tab\\011x\\134"), "/tmp/tab\tx\\");
+        assert_eq!(unescape_mount_point("/plain\\9"), "/plain\\9");
+    }
+
+    #[test]
+    fn shell_quote_survives_single_quotes() {
+        assert_eq!(shell_quote("/tmp/x"), "'/tmp/x'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
 }
 
 #[cfg(test)]
@@ -1243,15 +1390,28 @@ mod wg_dump_tests {
     fn a_wg_dump_is_parsed_into_peers() {
         let dump = "cHJpdmF0ZQ==\tcHVibGlj\t51820\toff\n\
                     a2V5MQ==\t(none)\t10.0.0.2:51820\tfd00:0:0:2::/64\t1764800000\t1200\t3400\t25\n\
-                    a2V5Mg==\t(none)\t(none)\t(none)\t0\t0\t0\toff\n";
+                    a2V5Mg==\t(none)\t(none)\t(none)\t0\t0\t0\toff\n\
+                    a2V5Mw==\tcHNr\t[fd00::3]:51820\t10.1.3.0/24,fd00:0:0:3::/64\t1\t2\t3\toff\n";
         let peers = parse_wg_dump(dump).expect("parse");
-        assert_eq!(peers.len(), 2);
+        assert_eq!(peers.len(), 3);
+        assert_eq!(peers[0].public_key, "a2V5MQ==");
         assert_eq!(peers[0].endpoint.as_deref(), Some("10.0.0.2:51820"));
         assert_eq!(peers[0].allowed_ips, vec!["fd00:0:0:2::/64".to_owned()]);
         assert_eq!(peers[0].latest_handshake_unix, 1_764_800_000);
         assert_eq!((peers[0].rx_bytes, peers[0].tx_bytes), (1200, 3400));
         assert_eq!(peers[1].endpoint, None);
         assert!(peers[1].allowed_ips.is_empty());
+        assert_eq!(peers[1].latest_handshake_unix, 0);
+        assert_eq!(peers[2].endpoint.as_deref(), Some("[fd00::3]:51820"));
+        assert_eq!(
+            peers[2].allowed_ips,
+            vec!["10.1.3.0/24".to_owned(), "fd00:0:0:3::/64".to_owned()]
+        );
+        assert!(
+            parse_wg_dump("only the interface line\n")
+                .expect("parse")
+                .is_empty()
+        );
         assert!(parse_wg_dump("iface\nshort\tline\n").is_err());
     }
 }

@@ -252,6 +252,10 @@ impl SidecarKind for NatsKind {
         if let Some(monitor) = self.monitor_addr() {
             ensure_port_free(monitor)?;
         }
+        if let Some(cluster) = &self.config.cluster {
+            // Also fails early when the overlay address is not on this machine.
+            ensure_port_free(cluster.listen)?;
+        }
         Ok(())
     }
 
@@ -322,41 +326,85 @@ fn render(config: &NatsSidecarConfig, files: &NatsFiles) -> Result<String, Sidec
     text.push_str("  sync_interval: always\n");
     text.push_str("}\n");
     if let Some(cluster) = &config.cluster {
-        if cluster.listen.port() == 0 {
-            return Err(SidecarError::InvalidConfig {
-                field: "cluster.listen",
-                reason: "needs a fixed port: other machines route to it".to_owned(),
-            });
-        }
-        let mut routes: Vec<SocketAddr> = cluster
-            .routes
-            .iter()
-            .copied()
-            .filter(|route| *route != cluster.listen)
-            .collect();
-        routes.sort();
-        routes.dedup();
-        text.push_str(
-            "\n# Routes run over the overlay only: the listen address is this machine's\n\
-             # overlay address, so nothing of the store is reachable from the underlay.\n",
-        );
-        text.push_str("cluster {\n");
-        text.push_str(&format!(
-            "  name: {}\n",
-            quoted("cluster.name", &cluster.name)?
-        ));
-        text.push_str(&format!(
-            "  listen: {}\n",
-            quoted("cluster.listen", &cluster.listen.to_string())?
-        ));
-        text.push_str("  routes: [\n");
-        for route in routes {
-            text.push_str(&format!("    \"nats-route://{route}\"\n"));
-        }
-        text.push_str("  ]\n");
-        text.push_str("}\n");
+        render_cluster(&mut text, cluster)?;
     }
     Ok(text)
+}
+
+/// Appends the `cluster` block. Routes are sorted and deduplicated and the
+/// server's own listen address is left out, so the same set of machines
+/// always renders the same text (and the same identity hash).
+fn render_cluster(text: &mut String, cluster: &NatsClusterConfig) -> Result<(), SidecarError> {
+    if cluster.name.is_empty() || cluster.name.chars().any(char::is_whitespace) {
+        return Err(SidecarError::InvalidConfig {
+            field: "cluster.name",
+            reason: format!(
+                "`{}` must be non-empty and contain no whitespace",
+                cluster.name
+            ),
+        });
+    }
+    if cluster.listen.port() == 0 {
+        return Err(SidecarError::InvalidConfig {
+            field: "cluster.listen",
+            reason: "needs a fixed port: other machines route to it".to_owned(),
+        });
+    }
+    let mut routes: Vec<SocketAddr> = cluster
+        .routes
+        .iter()
+        .copied()
+        .filter(|route| *route != cluster.listen)
+        .collect();
+    routes.sort();
+    routes.dedup();
+    if routes.is_empty() {
+        // nats-server exits at start ("JetStream cluster requires configured
+        // routes"), and routes to itself only leave the meta group waiting
+        // for a second server forever.
+        return Err(SidecarError::InvalidConfig {
+            field: "cluster.routes",
+            reason: "needs at least one other server: JetStream does not cluster alone".to_owned(),
+        });
+    }
+    if let Some(route) = routes.iter().find(|route| route.port() == 0) {
+        return Err(SidecarError::InvalidConfig {
+            field: "cluster.routes",
+            reason: format!("`{route}` needs a fixed port"),
+        });
+    }
+    text.push_str(
+        "\n# Routes run over the overlay only: the listen address is this machine's\n\
+         # overlay address, so nothing of the store is reachable from the underlay.\n\
+         # Configured routes are retried every second for as long as the server runs;\n\
+         # servers learn about the rest of the cluster from each other.\n",
+    );
+    text.push_str("cluster {\n");
+    text.push_str(&format!(
+        "  name: {}\n",
+        quoted("cluster.name", &cluster.name)?
+    ));
+    text.push_str(&format!(
+        "  listen: {}\n",
+        quoted("cluster.listen", &cluster.listen.to_string())?
+    ));
+    text.push_str(concat!(
+        "  # Each machine's clients are its own ployzd on its own client address.\n",
+        "  # Advertised, other machines' client addresses would join the clients'\n",
+        "  # reconnect pools and move them onto another machine's server (or, for a\n",
+        "  # loopback address, onto whatever listens there on this machine).\n",
+    ));
+    text.push_str("  no_advertise: true\n");
+    text.push_str("  routes: [\n");
+    for route in routes {
+        text.push_str(&format!(
+            "    {}\n",
+            quoted("cluster.routes", &format!("nats-route://{route}"))?
+        ));
+    }
+    text.push_str("  ]\n");
+    text.push_str("}\n");
+    Ok(())
 }
 
 /// Quotes a config string. Characters that would need escaping are refused
@@ -599,10 +647,41 @@ mod tests {
                 }),
                 ..config()
             },
+            NatsSidecarConfig {
+                cluster: Some(NatsClusterConfig {
+                    name: "c-4567".into(),
+                    ..cluster()
+                }),
+                ..config()
+            },
+            NatsSidecarConfig {
+                cluster: Some(NatsClusterConfig {
+                    listen: "[fd00:0:0:1::1]:4724".parse().expect("listen"),
+                    ..cluster()
+                }),
+                ..config()
+            },
         ];
+        let mut hashes = vec![base.clone()];
         for changed in changes {
-            assert_ne!(hash_of(changed.clone()), base, "{changed:?}");
+            let hash = hash_of(changed.clone());
+            assert!(!hashes.contains(&hash), "{changed:?}");
+            hashes.push(hash);
         }
+        // Routes are a set: order and repeats do not make another server.
+        let mut reordered = cluster();
+        reordered.routes.reverse();
+        reordered.routes.push(reordered.routes[0]);
+        assert_eq!(
+            hash_of(NatsSidecarConfig {
+                cluster: Some(reordered),
+                ..config()
+            }),
+            hash_of(NatsSidecarConfig {
+                cluster: Some(cluster()),
+                ..config()
+            })
+        );
         // Timeouts are how ployzd treats the process, not what the process is.
         let timeouts = NatsSidecarConfig {
             start_timeout: Duration::from_secs(1),
@@ -649,9 +728,109 @@ mod tests {
             "itself excluded, duplicates merged: {clustered}"
         );
         assert!(
-            clustered.contains("\"nats-route://[fd00:0:0:2::1]:4723\""),
+            clustered.contains("    \"nats-route://[fd00:0:0:2::1]:4723\"\n"),
             "{clustered}"
         );
+        assert!(clustered.contains("  no_advertise: true\n"), "{clustered}");
+        assert!(clustered.ends_with("  ]\n}\n"), "{clustered}");
+    }
+
+    #[test]
+    fn ipv4_routes_render_sorted_without_brackets() {
+        let clustered = NatsKind::new(NatsSidecarConfig {
+            cluster: Some(NatsClusterConfig {
+                name: "c-0123".into(),
+                listen: "10.0.0.1:6222".parse().expect("listen"),
+                routes: vec![
+                    "10.0.0.3:6222".parse().expect("route"),
+                    "10.0.0.2:6222".parse().expect("route"),
+                ],
+            }),
+            ..config()
+        })
+        .expect("valid")
+        .rendered;
+        assert!(
+            clustered.contains(
+                "  listen: \"10.0.0.1:6222\"\n\
+                 \x20 # Each machine's"
+            ),
+            "{clustered}"
+        );
+        assert!(
+            clustered.contains(
+                "  routes: [\n\
+                 \x20   \"nats-route://10.0.0.2:6222\"\n\
+                 \x20   \"nats-route://10.0.0.3:6222\"\n\
+                 \x20 ]\n"
+            ),
+            "{clustered}"
+        );
+    }
+
+    #[test]
+    fn invalid_cluster_configs_are_refused_with_the_field() {
+        let cases = [
+            (
+                NatsClusterConfig {
+                    name: "two words".into(),
+                    ..cluster()
+                },
+                "cluster.name",
+            ),
+            (
+                NatsClusterConfig {
+                    name: String::new(),
+                    ..cluster()
+                },
+                "cluster.name",
+            ),
+            (
+                NatsClusterConfig {
+                    name: "with\"quote".into(),
+                    ..cluster()
+                },
+                "cluster.name",
+            ),
+            (
+                NatsClusterConfig {
+                    listen: "[fd00:0:0:1::1]:0".parse().expect("listen"),
+                    ..cluster()
+                },
+                "cluster.listen",
+            ),
+            (
+                NatsClusterConfig {
+                    routes: vec![],
+                    ..cluster()
+                },
+                "cluster.routes",
+            ),
+            (
+                NatsClusterConfig {
+                    routes: vec!["[fd00:0:0:1::1]:4723".parse().expect("itself")],
+                    ..cluster()
+                },
+                "cluster.routes",
+            ),
+            (
+                NatsClusterConfig {
+                    routes: vec!["[fd00:0:0:2::1]:0".parse().expect("route")],
+                    ..cluster()
+                },
+                "cluster.routes",
+            ),
+        ];
+        for (cluster, expected_field) in cases {
+            let result = NatsKind::new(NatsSidecarConfig {
+                cluster: Some(cluster),
+                ..config()
+            });
+            let Err(SidecarError::InvalidConfig { field, .. }) = result else {
+                panic!("expected InvalidConfig for {expected_field}, got {result:?}");
+            };
+            assert_eq!(field, expected_field);
+        }
     }
 
     #[test]

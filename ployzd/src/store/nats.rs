@@ -46,6 +46,19 @@ const SCAN_BATCH: usize = 1024;
 const SCAN_ATTEMPTS: u32 = 5;
 /// How many times `create` retries after losing a race against a delete.
 const CREATE_ATTEMPTS: usize = 8;
+/// Every server in the cluster answers this with its statistics, whether or
+/// not it has connections of the asking account. The server imports it into
+/// every account, so it needs no system-account credentials.
+const SERVER_PING_SUBJECT: &str = "$SYS.REQ.ACCOUNT.PING.STATZ";
+const SERVER_PING_BODY: &[u8] = br#"{"include_unused":true}"#;
+/// How long [`NatsStore::cluster_peers`] waits for the next server's answer
+/// before it counts what it has: all servers answer at once, so the gap
+/// after the last one is about the slowest round trip over the overlay.
+const SERVER_PING_QUIET: Duration = Duration::from_millis(500);
+/// How long [`NatsStore::set_replicas`] waits for every copy to be current.
+const REPLICAS_CURRENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound on collecting the answers to one server ping.
+const SERVER_PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -161,25 +174,7 @@ impl NatsStore {
             })?;
         let jetstream = jetstream::new(client.clone());
         let kv = ensure_bucket(&jetstream, config).await?;
-        let events = jetstream
-            .get_or_create_stream(stream::Config {
-                name: config.events_stream.clone(),
-                description: Some("Ployz event log".to_owned()),
-                subjects: vec![format!("{events_prefix}.>")],
-                storage: StorageType::File,
-                num_replicas: config.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|source| {
-                store_error(
-                    format!(
-                        "cannot create or open event stream `{}`",
-                        config.events_stream
-                    ),
-                    source,
-                )
-            })?;
+        let events = ensure_events_stream(&jetstream, config, &events_prefix).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -203,9 +198,10 @@ impl NatsStore {
         Ok(start.elapsed())
     }
 
-    /// How many copies JetStream keeps of the records (the bucket's stream).
+    /// How many copies JetStream keeps of the records (the bucket's stream),
+    /// read from the server, not from this store's config.
     pub async fn replicas(&self) -> Result<usize, StoreError> {
-        let name = self.inner.kv.stream.cached_info().config.name.clone();
+        let name = self.inner.kv.stream_name.clone();
         let stream = self
             .inner
             .jetstream
@@ -215,14 +211,29 @@ impl NatsStore {
         Ok(stream.cached_info().config.num_replicas)
     }
 
-    /// Keeps `replicas` copies of the records and of the event log. Fails
-    /// (retryably) while the cluster has fewer servers than that.
+    /// Keeps `replicas` copies of the records and of the event log; streams
+    /// that have them already are not changed. Refuses, as
+    /// [`StoreError::Unavailable`], while fewer JetStream servers answer
+    /// [`Self::cluster_peers`] than `replicas`: JetStream would place a copy
+    /// on a server that is down, and a copy nobody holds protects nothing.
+    ///
+    /// Returns once both streams have a leader and every copy is current, so
+    /// losing any one server right after loses nothing; fails retryably when
+    /// that takes longer than [`REPLICAS_CURRENT_TIMEOUT`] (a copy's server
+    /// is down, or catching up is slow).
     pub async fn set_replicas(&self, replicas: usize) -> Result<(), StoreError> {
+        if replicas == 0 {
+            return Err(StoreError::Backend {
+                context: "a stream needs at least one replica".to_owned(),
+                source: None,
+            });
+        }
         let names = [
-            self.inner.kv.stream.cached_info().config.name.clone(),
+            self.inner.kv.stream_name.clone(),
             self.inner.events.cached_info().config.name.clone(),
         ];
-        for name in names {
+        let mut checked_peers = false;
+        for name in &names {
             let what = || format!("cannot set stream `{name}` to {replicas} replicas");
             let stream = self
                 .inner
@@ -234,6 +245,20 @@ impl NatsStore {
             if config.num_replicas == replicas {
                 continue;
             }
+            if replicas > 1 && !checked_peers {
+                let peers = self.cluster_peers().await?;
+                if peers < replicas {
+                    return Err(StoreError::Unavailable {
+                        context: format!(
+                            "{}: {peers} JetStream server(s) in the cluster answer, \
+                             {replicas} replicas need as many",
+                            what()
+                        ),
+                        source: None,
+                    });
+                }
+                checked_peers = true;
+            }
             config.num_replicas = replicas;
             self.inner
                 .jetstream
@@ -244,7 +269,111 @@ impl NatsStore {
                     source: Some(Box::new(source)),
                 })?;
         }
+        let deadline = Instant::now() + REPLICAS_CURRENT_TIMEOUT;
+        for name in &names {
+            self.wait_until_current(name, replicas, deadline).await?;
+        }
         Ok(())
+    }
+
+    /// Waits until stream `name` has a leader and `replicas - 1` current
+    /// followers. Right after a change of replicas the new copies are still
+    /// catching up; JetStream elects no leader among copies that never
+    /// caught up, so losing the old holder then leaves the stream without one.
+    async fn wait_until_current(
+        &self,
+        name: &str,
+        replicas: usize,
+        deadline: Instant,
+    ) -> Result<(), StoreError> {
+        loop {
+            let last = match self.inner.jetstream.get_stream(name).await {
+                Ok(stream) => {
+                    let cluster = stream.cached_info().cluster.as_ref();
+                    let leader = cluster.and_then(|cluster| cluster.leader.as_deref());
+                    let followers = cluster.map_or(&[][..], |cluster| &cluster.replicas[..]);
+                    let lagging: Vec<&str> = followers
+                        .iter()
+                        .filter(|peer| !peer.current || peer.offline)
+                        .map(|peer| peer.name.as_str())
+                        .collect();
+                    // A standalone server reports no cluster: its one copy leads.
+                    let led = leader.is_some() || (cluster.is_none() && replicas == 1);
+                    if led && lagging.is_empty() && followers.len() + 1 >= replicas {
+                        return Ok(());
+                    }
+                    format!(
+                        "leader {leader:?}, {} of {} followers current, lagging {lagging:?}",
+                        followers.len() - lagging.len(),
+                        replicas - 1
+                    )
+                }
+                Err(error) => error_chain(&error),
+            };
+            if Instant::now() >= deadline {
+                return Err(StoreError::Unavailable {
+                    context: format!(
+                        "stream `{name}` has no {replicas} current copies after \
+                         {REPLICAS_CURRENT_TIMEOUT:?}: {last}"
+                    ),
+                    source: None,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many JetStream servers the cluster has right now: every server
+    /// reachable over routes answers a ping (a standalone server: 1). The
+    /// count is observed, not recorded: a server that is down is not counted,
+    /// although the JetStream meta group still lists it as an offline peer.
+    /// Takes [`SERVER_PING_QUIET`] after the last answer.
+    pub async fn cluster_peers(&self) -> Result<usize, StoreError> {
+        let client = &self.inner.client;
+        let what = "cannot ping the cluster's servers";
+        let inbox = client.new_inbox();
+        let mut answers = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|source| store_error(what, source))?;
+        client
+            .publish_with_reply(
+                SERVER_PING_SUBJECT,
+                inbox,
+                Bytes::from_static(SERVER_PING_BODY),
+            )
+            .await
+            .map_err(|source| store_error(what, source))?;
+        let deadline = Instant::now() + SERVER_PING_TIMEOUT;
+        let mut servers = std::collections::BTreeSet::new();
+        loop {
+            let wait = if servers.is_empty() {
+                deadline
+            } else {
+                deadline.min(Instant::now() + SERVER_PING_QUIET)
+            };
+            let Ok(Some(answer)) = tokio::time::timeout_at(wait, answers.next()).await else {
+                break;
+            };
+            // Status messages (no responders) carry no JSON and are skipped.
+            if let Ok(ServerPingAnswer { server }) = serde_json::from_slice(&answer.payload)
+                && server.jetstream
+            {
+                servers.insert(server.id);
+            }
+        }
+        if let Err(error) = answers.unsubscribe().await {
+            tracing::debug!(%error, "cannot unsubscribe from server ping answers");
+        }
+        if servers.is_empty() {
+            return Err(StoreError::Unavailable {
+                context: format!(
+                    "{what}: no JetStream server answered within {SERVER_PING_TIMEOUT:?}"
+                ),
+                source: None,
+            });
+        }
+        Ok(servers.len())
     }
 
     /// Everything the store holds: each record's current value and every
@@ -485,6 +614,59 @@ async fn ensure_bucket(
             .await
             .map_err(|_| store_error(what(), create_error)),
     }
+}
+
+/// Opens the event stream, creating it when absent. An existing stream is
+/// used as it is: on a cluster another machine may have created it, or
+/// raised its replicas since, and `config.replicas` must not undo that.
+async fn ensure_events_stream(
+    jetstream: &jetstream::Context,
+    config: &NatsStoreConfig,
+    events_prefix: &KeyPrefix,
+) -> Result<stream::Stream, StoreError> {
+    let what = || {
+        format!(
+            "cannot create or open event stream `{}`",
+            config.events_stream
+        )
+    };
+    match jetstream.get_stream(config.events_stream.as_str()).await {
+        Ok(stream) => return Ok(stream),
+        Err(error) if !is_stream_not_found(&error) => return Err(store_error(what(), error)),
+        Err(_) => {}
+    }
+    let created = jetstream
+        .create_stream(stream::Config {
+            name: config.events_stream.clone(),
+            description: Some("Ployz event log".to_owned()),
+            subjects: vec![format!("{events_prefix}.>")],
+            storage: StorageType::File,
+            num_replicas: config.replicas,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(stream) => Ok(stream),
+        // Another process may have created it meanwhile, maybe with other settings.
+        Err(create_error) => jetstream
+            .get_stream(config.events_stream.as_str())
+            .await
+            .map_err(|_| store_error(what(), create_error)),
+    }
+}
+
+/// The part of a server's answer to [`SERVER_PING_SUBJECT`] that
+/// [`NatsStore::cluster_peers`] reads.
+#[derive(serde::Deserialize)]
+struct ServerPingAnswer {
+    server: PingedServer,
+}
+
+#[derive(serde::Deserialize)]
+struct PingedServer {
+    id: String,
+    #[serde(default)]
+    jetstream: bool,
 }
 
 fn is_stream_not_found(error: &(dyn StdError + 'static)) -> bool {
