@@ -46,6 +46,14 @@ pub struct DaemonArgs {
     /// /var/run/wireguard).
     #[arg(long, env = "PLOYZ_MESH_UAPI_DIR", value_name = "DIR")]
     pub mesh_uapi_dir: Option<PathBuf>,
+    /// The port other machines' ployzd reach this one on, on the overlay address.
+    #[arg(long, env = "PLOYZ_MESH_API_PORT", value_name = "PORT")]
+    pub mesh_api_port: Option<u16>,
+    /// The Docker network workload containers join, addressed from this
+    /// machine's overlay subnet; `none` keeps Docker's default bridge
+    /// (containers then reachable from this machine only).
+    #[arg(long, env = "PLOYZ_MESH_CONTAINER_NETWORK", value_name = "NAME")]
+    pub mesh_container_network: Option<String>,
     /// Log filter, e.g. `info` or `ployzd=debug,info`.
     #[arg(long, env = "PLOYZ_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -106,6 +114,8 @@ struct FileMeshConfig {
     listen_port: Option<u16>,
     uapi_dir: Option<PathBuf>,
     tunnel_binary: Option<PathBuf>,
+    api_port: Option<u16>,
+    container_network: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,7 +185,18 @@ pub struct MeshConfig {
     pub uapi_dir: PathBuf,
     /// Explicit `ployz-tunnel` binary; `None` means beside ployzd, then PATH.
     pub tunnel_binary: Option<PathBuf>,
+    /// The peer API's port on the overlay address; the same on every machine
+    /// of a network (a deploy reaches its peers there).
+    pub api_port: u16,
+    /// The Docker network containers join, addressed from the machine's
+    /// subnet; `None`: Docker's default bridge, reachable from this machine only.
+    pub container_network: Option<String>,
 }
+
+/// The peer API's port unless configured otherwise.
+pub const DEFAULT_MESH_API_PORT: u16 = 4724;
+/// The container network unless configured otherwise.
+pub const DEFAULT_CONTAINER_NETWORK: &str = "ployz";
 
 /// The overlay interface unless configured otherwise.
 pub const DEFAULT_MESH_INTERFACE: &str = "ployz0";
@@ -336,6 +357,19 @@ impl DaemonConfig {
                     .or(file.mesh.uapi_dir)
                     .unwrap_or_else(|| PathBuf::from(crate::mesh::boringtun::DEFAULT_UAPI_DIR)),
                 tunnel_binary: file.mesh.tunnel_binary,
+                api_port: args
+                    .mesh_api_port
+                    .or(file.mesh.api_port)
+                    .unwrap_or(DEFAULT_MESH_API_PORT),
+                container_network: match args
+                    .mesh_container_network
+                    .clone()
+                    .or(file.mesh.container_network)
+                {
+                    Some(name) if name == "none" => None,
+                    Some(name) => Some(name),
+                    None => Some(DEFAULT_CONTAINER_NETWORK.to_owned()),
+                },
             },
         };
         if let Some(list) = &args.gateway_http {
@@ -419,6 +453,25 @@ impl DaemonConfig {
         if self.mesh.listen_port == 0 {
             return Err(ConfigError::InvalidPort {
                 key: "mesh.listen_port",
+            });
+        }
+        if self.mesh.api_port == 0 {
+            return Err(ConfigError::InvalidPort {
+                key: "mesh.api_port",
+            });
+        }
+        if let Some(network) = &self.mesh.container_network
+            && (network.is_empty()
+                || network.len() > 64
+                || !network.bytes().all(|byte| {
+                    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.')
+                }))
+        {
+            return Err(ConfigError::InvalidValue {
+                key: "mesh.container_network",
+                message: format!(
+                    "`{network}` is not a Docker network name (letters, digits, `-`, `_`, `.`)"
+                ),
             });
         }
         let interface = &self.mesh.interface;

@@ -11,6 +11,7 @@ mod deploy;
 mod join;
 mod mesh;
 mod operations;
+mod peer;
 pub(crate) mod routing;
 mod server;
 

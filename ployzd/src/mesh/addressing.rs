@@ -182,6 +182,39 @@ impl Subnet {
     pub fn contains(self, address: Ipv6Addr) -> bool {
         address.octets()[..8] == self.base.octets()[..8]
     }
+
+    /// The part of the subnet its containers take addresses from:
+    /// `<subnet>:1::/80`, apart from the machine's own `<subnet>::1`.
+    pub fn containers(self) -> ContainerRange {
+        let mut octets = self.base.octets();
+        octets[9] = 1;
+        ContainerRange {
+            base: Ipv6Addr::from(octets),
+        }
+    }
+}
+
+/// A machine's container addresses: a /80 inside its subnet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ContainerRange {
+    base: Ipv6Addr,
+}
+
+impl ContainerRange {
+    pub const PREFIX_LEN: u8 = 80;
+
+    /// The range's first address, taken by the bridge the containers use as gateway.
+    pub fn gateway(self) -> Ipv6Addr {
+        let mut octets = self.base.octets();
+        octets[15] = 1;
+        Ipv6Addr::from(octets)
+    }
+}
+
+impl fmt::Display for ContainerRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.base, Self::PREFIX_LEN)
+    }
 }
 
 impl fmt::Display for Subnet {
@@ -339,6 +372,19 @@ mod tests {
         assert!(subnet.contains(subnet.machine_address()));
         assert!(prefix().contains(subnet.machine_address()));
         assert!(SubnetIndex::new(0).is_err());
+    }
+
+    #[test]
+    fn containers_take_a_range_of_the_subnet_that_misses_the_machine_address() {
+        let subnet = prefix().subnet(SubnetIndex::new(0x2a).expect("index"));
+        let range = subnet.containers();
+        assert_eq!(range.to_string(), "fd12:3456:789a:2a:1::/80");
+        assert_eq!(
+            range.gateway(),
+            "fd12:3456:789a:2a:1::1".parse::<Ipv6Addr>().expect("addr")
+        );
+        assert!(subnet.contains(range.gateway()));
+        assert_ne!(range.gateway(), subnet.machine_address());
     }
 
     #[tokio::test]

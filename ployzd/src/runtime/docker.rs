@@ -10,7 +10,10 @@ use bollard::{
     container::LogOutput,
     errors::Error as DockerError,
     exec::{CreateExecOptions, StartExecOptions, StartExecResults},
-    models::{ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig},
+    models::{
+        ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, Ipam,
+        IpamConfig, NetworkCreateRequest,
+    },
     query_parameters::{
         CreateContainerOptions, InspectContainerOptions, ListContainersOptions,
         RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
@@ -44,6 +47,24 @@ const ZERO_TIME_PREFIX: &str = "0001-01-01";
 #[derive(Clone, Debug)]
 pub struct DockerRuntime {
     docker: Docker,
+    /// Where containers are attached; `None`: the engine's default bridge.
+    network: Option<OverlayNetwork>,
+}
+
+/// A bridge network whose containers take IPv6 addresses from this machine's
+/// overlay subnet, so that every machine of the mesh reaches them by address
+/// (the overlay routes the subnet here; the kernel forwards it to the
+/// bridge). Containers also get an IPv4 address from the engine's pools, for
+/// reaching the outside through the engine's NAT; only the IPv6 address is
+/// reported, because only it means the same thing on every machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlayNetwork {
+    /// The engine's network name.
+    pub name: String,
+    /// The container range, `<prefix>/<len>`.
+    pub subnet: String,
+    /// The bridge's address in the range.
+    pub gateway: std::net::Ipv6Addr,
 }
 
 impl DockerRuntime {
@@ -70,7 +91,91 @@ impl DockerRuntime {
             .negotiate_version()
             .await
             .map_err(|error| classify(context(), error))?;
-        Ok(Self { docker })
+        Ok(Self {
+            docker,
+            network: None,
+        })
+    }
+
+    /// Attaches every container this runtime creates to `network`, and reports
+    /// their addresses on it. [`Self::ensure_network`] creates it.
+    pub fn on_network(mut self, network: OverlayNetwork) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    /// Creates the overlay network when absent. An existing network of that
+    /// name is kept when its IPv6 range is this machine's, and refused
+    /// otherwise: it holds containers Ployz must not renumber behind the
+    /// operator's back.
+    pub async fn ensure_network(&self) -> Result<(), RuntimeError> {
+        let Some(network) = &self.network else {
+            return Ok(());
+        };
+        let context = || format!("ensure network `{}`", network.name);
+        match self.docker.inspect_network(&network.name, None).await {
+            Ok(existing) => {
+                let subnets: Vec<String> = existing
+                    .ipam
+                    .and_then(|ipam| ipam.config)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|config| config.subnet)
+                    .collect();
+                if existing.enable_ipv6 == Some(true) && subnets.contains(&network.subnet) {
+                    return Ok(());
+                }
+                Err(RuntimeError::Engine {
+                    context: format!(
+                        "{}: it exists with subnets {subnets:?} (IPv6 {}), not this machine's \
+                         {}; move its containers and remove it (`docker network rm {}`)",
+                        context(),
+                        if existing.enable_ipv6 == Some(true) {
+                            "on"
+                        } else {
+                            "off"
+                        },
+                        network.subnet,
+                        network.name
+                    ),
+                    source: None,
+                })
+            }
+            Err(error) if status(&error) == Some(404) => {
+                let request = NetworkCreateRequest {
+                    name: network.name.clone(),
+                    driver: Some("bridge".to_owned()),
+                    enable_ipv6: Some(true),
+                    ipam: Some(Ipam {
+                        config: Some(vec![IpamConfig {
+                            subnet: Some(network.subnet.clone()),
+                            gateway: Some(network.gateway.to_string()),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    labels: Some(
+                        [(super::labels::MANAGED.to_owned(), "true".to_owned())]
+                            .into_iter()
+                            .collect(),
+                    ),
+                    ..Default::default()
+                };
+                match self.docker.create_network(request).await {
+                    Ok(_) => Ok(()),
+                    // Created meanwhile by a concurrent call: check it again.
+                    Err(error) if status(&error) == Some(409) => {
+                        Box::pin(self.ensure_network()).await
+                    }
+                    Err(error) => Err(classify(context(), error)),
+                }
+            }
+            Err(error) => Err(classify(context(), error)),
+        }
+    }
+
+    fn network_name(&self) -> Option<&str> {
+        self.network.as_ref().map(|network| network.name.as_str())
     }
 }
 
@@ -98,7 +203,7 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, RuntimeError> {
-        let body = create_body(spec)?;
+        let body = create_body(spec, self.network_name())?;
         let options = CreateContainerOptions {
             name: (!spec.name.is_empty()).then(|| spec.name.clone()),
             ..Default::default()
@@ -181,7 +286,7 @@ impl ContainerRuntime for DockerRuntime {
             .inspect_container(&id.0, None::<InspectContainerOptions>)
             .await
         {
-            Ok(response) => info_from_inspect(response).map(Some),
+            Ok(response) => info_from_inspect(response, self.network_name()).map(Some),
             Err(error) if status(&error) == Some(404) => Ok(None),
             Err(error) => Err(classify(format!("inspect container `{id}`"), error)),
         }
@@ -302,8 +407,11 @@ impl ContainerRuntime for DockerRuntime {
     }
 }
 
-/// The engine's create request for `spec`, on the default bridge network.
-fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeError> {
+/// The engine's create request for `spec`, on `network` (the default bridge when `None`).
+fn create_body(
+    spec: &ContainerSpec,
+    network: Option<&str>,
+) -> Result<ContainerCreateBody, RuntimeError> {
     let binds = spec
         .mounts
         .iter()
@@ -349,7 +457,7 @@ fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeError
             nano_cpus,
             dns: Some(spec.dns.iter().map(IpAddr::to_string).collect()),
             dns_search: Some(spec.dns_search.clone()),
-            network_mode: Some("bridge".to_owned()),
+            network_mode: Some(network.unwrap_or("bridge").to_owned()),
             ..Default::default()
         }),
         ..Default::default()
@@ -394,8 +502,12 @@ fn whole_seconds(grace: Duration) -> i32 {
     i32::try_from(seconds).unwrap_or(i32::MAX)
 }
 
-/// What the engine said about a container, in the runtime's terms.
-fn info_from_inspect(response: ContainerInspectResponse) -> Result<ContainerInfo, RuntimeError> {
+/// What the engine said about a container, in the runtime's terms. On the
+/// overlay network (`network`), only its IPv6 addresses are reported.
+fn info_from_inspect(
+    response: ContainerInspectResponse,
+    network: Option<&str>,
+) -> Result<ContainerInfo, RuntimeError> {
     let id = response.id.ok_or_else(|| RuntimeError::Engine {
         context: "inspect container: the engine's answer has no id".to_owned(),
         source: None,
@@ -416,15 +528,27 @@ fn info_from_inspect(response: ContainerInspectResponse) -> Result<ContainerInfo
         )
         | None => ContainerState::Other,
     };
-    let mut addresses: Vec<IpAddr> = response
+    let networks = response
         .network_settings
         .and_then(|settings| settings.networks)
-        .into_iter()
-        .flat_map(|networks| networks.into_values())
-        .flat_map(|endpoint| [endpoint.ip_address, endpoint.global_ipv6_address])
-        .flatten()
-        .filter_map(|address| address.parse().ok())
-        .collect();
+        .unwrap_or_default();
+    let overlay = network
+        .and_then(|name| networks.get(name))
+        .and_then(|endpoint| {
+            endpoint
+                .global_ipv6_address
+                .as_deref()
+                .and_then(|address| address.parse::<IpAddr>().ok())
+        });
+    let mut addresses: Vec<IpAddr> = match overlay {
+        Some(address) => vec![address],
+        None => networks
+            .into_values()
+            .flat_map(|endpoint| [endpoint.ip_address, endpoint.global_ipv6_address])
+            .flatten()
+            .filter_map(|address| address.parse().ok())
+            .collect(),
+    };
     addresses.sort();
     addresses.dedup();
     Ok(ContainerInfo {
@@ -551,7 +675,7 @@ mod tests {
             dns_search: vec!["shop.ployz.internal".to_owned()],
             ..Default::default()
         };
-        let body = create_body(&spec).expect("a valid spec");
+        let body = create_body(&spec, None).expect("a valid spec");
         assert_eq!(body.image.as_deref(), Some("example:1"));
         assert_eq!(body.entrypoint, None);
         assert_eq!(body.env, Some(vec!["A=1".to_owned()]));
@@ -562,6 +686,42 @@ mod tests {
         assert_eq!(host.nano_cpus, Some(500_000_000));
         assert_eq!(host.dns, Some(vec!["10.0.0.53".to_owned()]));
         assert_eq!(host.network_mode.as_deref(), Some("bridge"));
+        let on_overlay = create_body(&spec, Some("ployz")).expect("a valid spec");
+        let host = on_overlay.host_config.expect("a host config");
+        assert_eq!(host.network_mode.as_deref(), Some("ployz"));
+    }
+
+    #[test]
+    fn on_the_overlay_network_only_the_overlay_address_is_reported() {
+        let endpoint = |ipv4: &str, ipv6: &str| EndpointSettings {
+            ip_address: Some(ipv4.to_owned()),
+            global_ipv6_address: Some(ipv6.to_owned()),
+            ..Default::default()
+        };
+        let response = ContainerInspectResponse {
+            id: Some("abc".to_owned()),
+            network_settings: Some(NetworkSettings {
+                networks: Some(
+                    [
+                        (
+                            "ployz".to_owned(),
+                            endpoint("172.18.0.2", "fd00:1:2:3:1::2"),
+                        ),
+                        ("other".to_owned(), endpoint("172.19.0.2", "")),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let overlay = info_from_inspect(response.clone(), Some("ployz")).expect("an answer");
+        assert_eq!(
+            overlay.addresses,
+            vec!["fd00:1:2:3:1::2".parse::<IpAddr>().expect("an IP address")]
+        );
+        let everything = info_from_inspect(response, None).expect("an answer");
+        assert_eq!(everything.addresses.len(), 3);
     }
 
     #[test]
@@ -598,11 +758,14 @@ mod tests {
             ..Default::default()
         };
 
-        let created = info_from_inspect(response(
-            ContainerStateStatusEnum::CREATED,
-            "0001-01-01T00:00:00Z",
-            "",
-        ))
+        let created = info_from_inspect(
+            response(
+                ContainerStateStatusEnum::CREATED,
+                "0001-01-01T00:00:00Z",
+                "",
+            ),
+            None,
+        )
         .expect("a complete inspect answer");
         assert_eq!(created.name, "web-0");
         assert_eq!(created.image, "example:1");
@@ -611,11 +774,14 @@ mod tests {
         assert_eq!(created.started_at, None);
         assert!(created.addresses.is_empty());
 
-        let running = info_from_inspect(response(
-            ContainerStateStatusEnum::RUNNING,
-            "2025-01-01T00:00:00.5Z",
-            "172.17.0.2",
-        ))
+        let running = info_from_inspect(
+            response(
+                ContainerStateStatusEnum::RUNNING,
+                "2025-01-01T00:00:00.5Z",
+                "172.17.0.2",
+            ),
+            None,
+        )
         .expect("a complete inspect answer");
         assert_eq!(running.state, ContainerState::Running);
         assert_eq!(running.exit_code, None);
@@ -629,20 +795,18 @@ mod tests {
         );
         assert_eq!(running.labels.get("k").map(String::as_str), Some("v"));
 
-        let exited = info_from_inspect(response(
-            ContainerStateStatusEnum::EXITED,
-            "2025-01-01T00:00:00Z",
-            "",
-        ))
+        let exited = info_from_inspect(
+            response(ContainerStateStatusEnum::EXITED, "2025-01-01T00:00:00Z", ""),
+            None,
+        )
         .expect("a complete inspect answer");
         assert_eq!(exited.state, ContainerState::Exited);
         assert_eq!(exited.exit_code, Some(137));
 
-        let dead = info_from_inspect(response(
-            ContainerStateStatusEnum::DEAD,
-            "2025-01-01T00:00:00Z",
-            "",
-        ))
+        let dead = info_from_inspect(
+            response(ContainerStateStatusEnum::DEAD, "2025-01-01T00:00:00Z", ""),
+            None,
+        )
         .expect("a complete inspect answer");
         assert_eq!(dead.state, ContainerState::Other);
     }

@@ -41,7 +41,7 @@ impl std::fmt::Display for ContainerId {
 
 /// Everything needed to create a container. Plain data, comparable, hashable
 /// into the `ployz.config-hash` label by the caller.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ContainerSpec {
     /// Container name; unique on the engine.
     pub name: String,
@@ -67,7 +67,7 @@ pub struct ContainerSpec {
 }
 
 /// A host directory bind-mounted into the container.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Mount {
     pub host_path: PathBuf,
     pub container_path: String,
@@ -87,7 +87,7 @@ pub enum ContainerState {
 }
 
 /// What the engine reports about a container, observed now.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ContainerInfo {
     pub id: ContainerId,
     pub name: String,
@@ -102,7 +102,7 @@ pub struct ContainerInfo {
 }
 
 /// The result of running a command inside a container.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExecOutput {
     pub exit_code: i64,
     pub stdout: Vec<u8>,
