@@ -125,6 +125,208 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// A service whose every replica answers `GET /` with its container's
+/// hostname (the short container id), on port 8080.
+const ACROSS_MANIFEST: &str = r#"namespace = "across"
+
+[services.web]
+image = "{image}"
+replicas = 3
+placement = [{placement}]
+command = ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
+
+[services.web.health]
+http = { port = 8080, path = "/" }
+
+[[services.web.routes]]
+hosts = ["across.test"]
+port = 8080
+"#;
+
+/// The example image the deploy runs, copied into every host's engine.
+const ACROSS_IMAGE: &str = "ployz-example:mesh";
+
+/// A deploy from machine 1 with one replica on each machine: `docker ps` on
+/// each host shows its replica; the gateway on machine 1 reaches all three;
+/// `dig` on machine 3's DNS answers three addresses; a container on machine 2
+/// reaches one on machine 3 by its overlay address.
+fn deploy_across_machines(hosts: [&Host; 3]) {
+    ployz_tests::image::ensure_example_image(ACROSS_IMAGE).expect("build the example image");
+    let ids: Vec<String> = hosts
+        .iter()
+        .map(|host| {
+            host.load_image(ACROSS_IMAGE).expect("load the image");
+            ployzctl_json(host, &["status"])["machine"]["id"]
+                .as_str()
+                .expect("a machine id")
+                .to_owned()
+        })
+        .collect();
+    let placement = ids
+        .iter()
+        .map(|id| format!("\"{id}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let manifest = ACROSS_MANIFEST
+        .replace("{image}", ACROSS_IMAGE)
+        .replace("{placement}", &placement);
+    let path = hosts[0].ployz_dir().join("across.toml");
+    std::fs::write(&path, manifest).expect("write the manifest");
+    let path = path.display().to_string();
+
+    let preview = ployzctl_json(hosts[0], &["deploy", "preview", "-f", &path]);
+    assert_eq!(
+        preview["services"][0]["machines"],
+        serde_json::json!(ids),
+        "{preview}"
+    );
+    let deployed = ployzctl_json(hosts[0], &["deploy", "-f", &path]);
+    let containers = deployed["commit"]["services"][0]["containers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("containers in {deployed:#}"))
+        .clone();
+    assert_eq!(containers.len(), 3, "{deployed:#}");
+
+    // Each replica runs on the machine its placement names, as that
+    // machine's engine reports it, with an address from that machine's subnet.
+    let mut hostnames = std::collections::BTreeSet::new();
+    let mut addresses = Vec::new();
+    for (replica, host) in hosts.iter().enumerate() {
+        let container = containers
+            .iter()
+            .find(|c| c["replica"].as_u64() == Some(replica as u64))
+            .unwrap_or_else(|| panic!("replica {replica} in {deployed:#}"));
+        assert_eq!(container["machine"], ids[replica], "{deployed:#}");
+        let id = container["id"].as_str().expect("a container id");
+        let docker_host = host.docker_host().expect("the host runs dockerd");
+        let listed = host.exec(&[
+            "docker",
+            "-H",
+            &docker_host,
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            "label=ployz.namespace=across",
+        ]);
+        let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+        assert_eq!(
+            listed.split_whitespace().collect::<Vec<_>>(),
+            [id],
+            "docker ps on {}",
+            host.name()
+        );
+        let address = container["addresses"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("an address in {container}"))
+            .to_owned();
+        let machine_address = overlay_address(host);
+        let subnet = machine_address.trim_end_matches("::1");
+        assert!(
+            address.starts_with(subnet),
+            "{address} is not in {}'s subnet ({machine_address})",
+            host.name()
+        );
+        hostnames.insert(id[..12].to_owned());
+        addresses.push(address);
+    }
+
+    // The gateway on machine 1 routes to the replicas on all three machines.
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let output = hosts[0].exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-H",
+            "Host: across.test",
+            "http://127.0.0.1/",
+        ]);
+        assert!(output.status.success(), "curl: {}", describe(&output));
+        answered.insert(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+        if answered == hostnames {
+            break;
+        }
+    }
+    assert_eq!(
+        answered, hostnames,
+        "replicas answering through machine 1's gateway"
+    );
+
+    // Machine 3's DNS answers the service with the three replicas' addresses.
+    let mut expected = addresses.clone();
+    expected.sort();
+    let mut dug = Vec::new();
+    let found = wait_until(Duration::from_secs(10), "three AAAA answers", || {
+        let output = hosts[2].exec(&[
+            "dig",
+            "@127.0.0.1",
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "AAAA",
+            "web.across.ployz.internal",
+        ]);
+        dug = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| {
+                line.trim()
+                    .parse::<std::net::Ipv6Addr>()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| line.trim().to_owned())
+            })
+            .collect();
+        dug.sort();
+        dug == expected
+    });
+    assert!(
+        found.is_ok(),
+        "dig on machine 3: {dug:?}, expected {expected:?}"
+    );
+
+    // A container on machine 2 reaches the one on machine 3 by its overlay
+    // address, straight over the mesh.
+    let docker_two = hosts[1].docker_host().expect("dockerd");
+    let on_two = containers
+        .iter()
+        .find(|c| c["replica"] == 1)
+        .and_then(|c| c["id"].as_str())
+        .expect("replica 1")
+        .to_owned();
+    // (busybox's wget crashes in a static build; its nc speaks the request.)
+    let request = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc {} 8080",
+        addresses[2]
+    );
+    let fetched = hosts[1].exec(&[
+        "docker",
+        "-H",
+        &docker_two,
+        "exec",
+        &on_two,
+        "sh",
+        "-c",
+        &request,
+    ]);
+    assert!(fetched.status.success(), "nc: {}", describe(&fetched));
+    let third = containers
+        .iter()
+        .find(|c| c["replica"] == 2)
+        .and_then(|c| c["id"].as_str())
+        .expect("replica 2");
+    let answer = String::from_utf8_lossy(&fetched.stdout).to_string();
+    assert!(
+        answer.starts_with("HTTP/1.") && answer.contains(" 200 "),
+        "{answer}"
+    );
+    assert_eq!(
+        answer.lines().last().map(str::trim),
+        Some(&third[..12]),
+        "{answer}"
+    );
+}
+
 fn start_daemon(host: &Host) {
     ployzctl_json(
         host,
@@ -250,6 +452,8 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         );
         assert_eq!(peer["observed"], "reachable", "{status}");
     }
+
+    deploy_across_machines([one, two, three]);
 
     // A second add of a member is a no-op that says so.
     let again = machine_add(&cluster, one, &[two], &key);

@@ -241,6 +241,13 @@ fn render_plan(plan: &v1::DeployPlan) -> String {
             "  service {:<16} {:<8} {:<12} {} replica(s): {}",
             service.service, service.action, service.strategy, service.replicas, service.reason
         );
+        if service
+            .machines
+            .iter()
+            .any(|machine| *machine != plan.machine)
+        {
+            let _ = writeln!(text, "    on {}", service.machines.join(", "));
+        }
         for container in &service.current_containers {
             let verb = match service.action.as_str() {
                 "keep" => "keep",

@@ -575,6 +575,7 @@ fn deploy_plan(plan: &DeployPlan) -> v1::DeployPlan {
                 current_containers: service.current.iter().map(|c| c.id.clone()).collect(),
                 reason: service.reason.clone(),
                 config_hash: service.config_hash.clone(),
+                machines: service.machines.clone(),
             })
             .collect(),
         removed_services: plan
@@ -598,7 +599,11 @@ fn deploy_plan(plan: &DeployPlan) -> v1::DeployPlan {
             .collect(),
         routes_changed: plan.routes.changed,
         routes: plan.routes.routes.iter().map(route).collect(),
-        orphans: plan.orphans.clone(),
+        orphans: plan
+            .orphans
+            .iter()
+            .map(|orphan| orphan.id.clone())
+            .collect(),
         notes: plan.notes.clone(),
     }
 }

@@ -463,9 +463,9 @@ impl DaemonConfig {
         if let Some(network) = &self.mesh.container_network
             && (network.is_empty()
                 || network.len() > 64
-                || !network.bytes().all(|byte| {
-                    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.')
-                }))
+                || !network
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.')))
         {
             return Err(ConfigError::InvalidValue {
                 key: "mesh.container_network",

@@ -161,7 +161,7 @@ impl Daemon {
     ) -> Result<
         Deployer<
             crate::store::nats::NatsStore,
-            crate::runtime::docker::DockerRuntime,
+            super::peer::MachineRuntime,
             super::backends::Volumes,
         >,
         ApiError,
@@ -175,9 +175,17 @@ impl Daemon {
                 format!("volumes are unavailable on this machine: {reason}"),
             )
         })?;
+        let port = self.config.mesh.api_port;
+        let peers: crate::deploy::apply::PeerRuntimes<super::peer::MachineRuntime> =
+            std::sync::Arc::new(move |machine, address| {
+                super::peer::MachineRuntime::Peer(super::peer::PeerRuntime::new(
+                    machine.to_owned(),
+                    std::net::SocketAddr::new(address.into(), port),
+                ))
+            });
         Ok(Deployer::new(DeployerDeps {
             store: cluster.store.clone(),
-            runtime: containers,
+            runtime: super::peer::MachineRuntime::Local(containers),
             volumes,
             machine: cluster.identity.machine_id.clone(),
             runner: self.runner.clone(),
@@ -186,7 +194,8 @@ impl Daemon {
         .with_routing(std::sync::Arc::new(super::routing::AdminRouteServing::new(
             self.config.clone(),
         )))
-        .with_container_dns(super::routing::container_dns(&self.config)))
+        .with_container_dns(super::routing::container_dns(&self.config))
+        .with_peers(peers))
     }
 }
 

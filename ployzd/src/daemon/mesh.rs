@@ -54,6 +54,11 @@ impl MeshRuntime {
     pub fn overlay_address(&self) -> Ipv6Addr {
         self.spec.subnet.machine_address()
     }
+
+    /// This machine's /64 of the overlay.
+    pub fn subnet(&self) -> crate::mesh::addressing::Subnet {
+        self.spec.subnet
+    }
 }
 
 /// One other member as the tunnel needs it; also the peer cache's entries.

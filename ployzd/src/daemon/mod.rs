@@ -205,23 +205,81 @@ impl Daemon {
         }
     }
 
-    /// The container engine, connecting on first use.
+    /// The container engine, connecting on first use. Once the overlay is
+    /// up, containers join the overlay network (created here when absent),
+    /// addressed from this machine's subnet.
     async fn containers(&self) -> Result<DockerRuntime, ployz_api::ApiError> {
+        let network = self.container_network().await;
         let mut cached = self.containers.lock().await;
-        if let Some(runtime) = &*cached {
+        if let Some(runtime) = &*cached
+            && runtime.network() == network.as_ref()
+        {
             return Ok(runtime.clone());
         }
-        let runtime = DockerRuntime::connect_with_socket(&self.config.docker_socket)
+        let unavailable = |what: &str, error: &crate::runtime::RuntimeError| {
+            ployz_api::ApiError::new(
+                ployz_api::ErrorClass::Unavailable,
+                "runtime_unavailable",
+                format!("{what}: {}", error_chain(error)),
+            )
+        };
+        let mut runtime = DockerRuntime::connect_with_socket(&self.config.docker_socket)
             .await
-            .map_err(|error| {
-                ployz_api::ApiError::new(
-                    ployz_api::ErrorClass::Unavailable,
-                    "runtime_unavailable",
-                    format!("the Docker engine does not answer: {}", error_chain(&error)),
-                )
-            })?;
+            .map_err(|error| unavailable("the Docker engine does not answer", &error))?;
+        if let Some(network) = network {
+            runtime = runtime.on_network(network.clone());
+            runtime
+                .ensure_network()
+                .await
+                .map_err(|error| unavailable("the container network is not usable", &error))?;
+            // The overlay delivers containers' packets to this machine; the
+            // kernel must forward them to the network's bridge and back.
+            if let Err(error) = enable_ipv6_forwarding() {
+                tracing::warn!(%error, "cannot enable IPv6 forwarding; other machines will not reach this machine's containers");
+            }
+            tracing::info!(network = %network.name, subnet = %network.subnet, "containers join the overlay network");
+        }
         *cached = Some(runtime.clone());
         Ok(runtime)
+    }
+
+    /// Serves the peer API on the overlay address, for the daemon's life. A
+    /// failure to bind is logged: this machine then cannot be placed on,
+    /// and deploys that try say so.
+    async fn serve_peers(&self, mesh: &mesh::MeshRuntime) {
+        let Some(me) = self.me.get().cloned() else {
+            return;
+        };
+        let address = SocketAddr::new(
+            std::net::IpAddr::V6(mesh.overlay_address()),
+            self.config.mesh.api_port,
+        );
+        let engine = Arc::new(PeerEngine { daemon: me });
+        match peer::serve(engine, address, self.shutdown.clone()).await {
+            Ok(serving) => {
+                tracing::info!(%address, "peer API listening on the overlay");
+                self.tasks.spawn(async move {
+                    if let Err(error) = serving.await {
+                        tracing::error!(error = %error_chain(&error), "peer API stopped");
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::error!(%address, %error, "cannot serve the peer API; other machines cannot place containers here");
+            }
+        }
+    }
+
+    /// The overlay network containers join, once this machine has a subnet.
+    async fn container_network(&self) -> Option<crate::runtime::docker::OverlayNetwork> {
+        let name = self.config.mesh.container_network.clone()?;
+        let mesh = self.mesh_runtime.lock().await.clone()?;
+        let range = mesh.subnet().containers();
+        Some(crate::runtime::docker::OverlayNetwork {
+            name,
+            subnet: range.to_string(),
+            gateway: range.gateway(),
+        })
     }
 
     pub fn config(&self) -> &DaemonConfig {
@@ -307,6 +365,7 @@ impl Daemon {
             None => {
                 let mesh = self.bring_up_mesh(&mesh_identity).await?;
                 *self.mesh_runtime.lock().await = Some(mesh.clone());
+                self.serve_peers(&mesh).await;
                 mesh
             }
         };
@@ -538,6 +597,58 @@ pub enum BringUpError {
     Sidecar(#[from] SidecarError),
     #[error("store")]
     Store(#[from] StoreError),
+}
+
+/// Lets the kernel forward IPv6 between the overlay and the container bridge.
+fn enable_ipv6_forwarding() -> std::io::Result<()> {
+    const PATH: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+    if std::fs::read_to_string(PATH)?.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(PATH, "1\n")
+}
+
+/// What the peer API lends other machines: this machine's id and engine.
+struct PeerEngine {
+    daemon: std::sync::Weak<Daemon>,
+}
+
+impl peer::LocalEngine for PeerEngine {
+    type Runtime = DockerRuntime;
+
+    async fn machine_id(&self) -> Option<String> {
+        let daemon = self.daemon.upgrade()?;
+        let state = daemon.cluster.read().await;
+        match &*state {
+            ClusterState::Uninitialized => None,
+            ClusterState::Degraded { identity, .. } => Some(identity.machine_id.clone()),
+            ClusterState::Ready(runtime) => Some(runtime.identity.machine_id.clone()),
+        }
+    }
+
+    async fn runtime(&self) -> Result<DockerRuntime, crate::runtime::RuntimeError> {
+        let daemon =
+            self.daemon
+                .upgrade()
+                .ok_or_else(|| crate::runtime::RuntimeError::Unavailable {
+                    context: "ployzd is shutting down".to_owned(),
+                    source: None,
+                })?;
+        daemon
+            .containers()
+            .await
+            .map_err(|error| crate::runtime::RuntimeError::Unavailable {
+                context: error.message,
+                source: None,
+            })
+    }
+
+    fn container_dns(&self) -> Vec<std::net::IpAddr> {
+        self.daemon
+            .upgrade()
+            .map(|daemon| routing::container_dns(&daemon.config))
+            .unwrap_or_default()
+    }
 }
 
 fn hostname() -> String {

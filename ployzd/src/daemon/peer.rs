@@ -176,7 +176,9 @@ impl WireError {
 /// Runs `call` on `runtime`.
 pub async fn execute<R: ContainerRuntime>(runtime: &R, call: PeerCall) -> PeerReply {
     let result = match call {
-        PeerCall::ImageExists { image } => runtime.image_exists(&image).await.map(PeerReply::Exists),
+        PeerCall::ImageExists { image } => {
+            runtime.image_exists(&image).await.map(PeerReply::Exists)
+        }
         PeerCall::Create { spec } => runtime.create(&spec).await.map(PeerReply::Created),
         PeerCall::Start { id } => runtime.start(&id).await.map(|()| PeerReply::Done),
         PeerCall::Stop { id, grace } => runtime.stop(&id, grace).await.map(|()| PeerReply::Done),
@@ -338,10 +340,15 @@ impl PeerRuntime {
             .runtime(request)
             .await
             .map_err(|status| self.status_error(&status))?;
-        let reply: PeerReply = serde_json::from_slice(&response.into_inner().reply)
-            .map_err(|error| RuntimeError::Engine {
-                context: format!("machine {}'s answer is not a runtime reply", self.machine_id),
-                source: Some(Box::new(error)),
+        let reply: PeerReply =
+            serde_json::from_slice(&response.into_inner().reply).map_err(|error| {
+                RuntimeError::Engine {
+                    context: format!(
+                        "machine {}'s answer is not a runtime reply",
+                        self.machine_id
+                    ),
+                    source: Some(Box::new(error)),
+                }
             })?;
         match reply {
             PeerReply::Failed(error) => Err(error.into_runtime_error(&self.machine_id)),

@@ -10,7 +10,12 @@
 //! says which step failed; a failed cleanup after it is reported, and the next
 //! deploy of the namespace removes what is left.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv6Addr,
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +25,7 @@ use super::{
     manifest::{Manifest, Service},
     plan::{
         self, DeployPlan, Observation, PlanError, ServiceAction, ServicePlan, Strategy,
-        VolumeObservation,
+        VolumeObservation, replica_machines,
     },
     record::{
         ContainerRecord, DeployRecord, RouteRecord, ServiceRecord, VolumeRecord, history_prefix,
@@ -29,12 +34,13 @@ use super::{
 };
 use crate::{
     coordination::{JournalError, OperationRun, StepStatus},
+    machine::{MachineRecord, Membership},
     runtime::{
         ContainerId, ContainerRuntime, ContainerSpec, ContainerState, Mount, RuntimeError, labels,
     },
     storage::{SnapshotName, StorageError, VolumeBackend, VolumeName},
     store::{
-        Store, StoreError, encode,
+        Key, Store, StoreError, encode,
         lease::{Lease, LeaseError, Leases},
     },
     time::now_unix_ms,
@@ -43,7 +49,11 @@ use crate::{
 /// How long a deploy holds its namespace without renewing; renewed at each step.
 const NAMESPACE_LEASE_TTL: Duration = Duration::from_secs(30);
 
-/// Runs deploys on this machine.
+/// How a deployer reaches another machine's engine: from the machine's id
+/// and overlay address, a runtime that drives it.
+pub type PeerRuntimes<R> = Arc<dyn Fn(&str, Ipv6Addr) -> R + Send + Sync>;
+
+/// Runs deploys from this machine, placing containers on any member.
 #[derive(Clone)]
 pub struct Deployer<S, R, V> {
     store: S,
@@ -56,6 +66,8 @@ pub struct Deployer<S, R, V> {
     routing: Arc<dyn RouteServing>,
     /// The DNS servers containers use; empty keeps the engine's default.
     container_dns: Vec<std::net::IpAddr>,
+    /// Other machines' engines; `None`: this machine places on itself only.
+    peers: Option<PeerRuntimes<R>>,
 }
 
 /// Everything a deploy needs, handed in by the composition root.
@@ -113,16 +125,29 @@ pub enum DeployError {
 }
 
 /// What this deploy changed so far, to undo it before the commit.
-#[derive(Default)]
-struct Progress {
-    started: Vec<ContainerId>,
-    stopped: Vec<ContainerId>,
+struct Progress<R> {
+    /// Containers started, with the engine of their machine.
+    started: Vec<(R, ContainerId)>,
+    /// Old containers stopped, with the engine of their machine.
+    stopped: Vec<(R, ContainerId)>,
     /// Volumes whose content this deploy may have changed, with the deploy point to return to.
     touched_volumes: Vec<(VolumeName, SnapshotName)>,
     /// Deploy-point snapshots this deploy used; stale once it is undone.
     deploy_points: Vec<(VolumeName, SnapshotName)>,
     /// Volumes this deploy created.
     created_volumes: Vec<VolumeName>,
+}
+
+impl<R> Default for Progress<R> {
+    fn default() -> Self {
+        Self {
+            started: Vec::new(),
+            stopped: Vec::new(),
+            touched_volumes: Vec::new(),
+            deploy_points: Vec::new(),
+            created_volumes: Vec::new(),
+        }
+    }
 }
 
 impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
@@ -137,7 +162,72 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             lease_ttl: NAMESPACE_LEASE_TTL,
             routing: Arc::new(NoRouting),
             container_dns: Vec::new(),
+            peers: None,
         }
+    }
+
+    /// Lets placements name other machines, whose engines `peers` drives.
+    pub fn with_peers(mut self, peers: PeerRuntimes<R>) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
+    /// The engine of `machine`, or why it cannot run containers now: not a
+    /// member, not active, or without a place in the overlay.
+    async fn runtime_on(&self, machine: &str) -> Result<R, String> {
+        if machine == self.machine {
+            return Ok(self.runtime.clone());
+        }
+        let Some(peers) = &self.peers else {
+            return Err("this machine places containers on itself only (no overlay)".to_owned());
+        };
+        let key =
+            Key::from_segments(["machines", machine]).map_err(|_| "not a machine id".to_owned())?;
+        let record = match self.store.get(&key).await {
+            Ok(Some(record)) => record
+                .decode::<MachineRecord>()
+                .map_err(|error| format!("its record is unreadable: {error}"))?,
+            Ok(None) => return Err("not a member of this network".to_owned()),
+            Err(error) => {
+                return Err(format!(
+                    "cannot read its record: {}",
+                    crate::error_chain(&error)
+                ));
+            }
+        };
+        if record.membership != Membership::Active {
+            return Err(format!(
+                "it is `{}`, not active",
+                record.membership.as_str()
+            ));
+        }
+        let mesh = record
+            .mesh
+            .ok_or_else(|| "it has no place in the overlay".to_owned())?;
+        Ok(peers(machine, mesh.overlay_address))
+    }
+
+    /// [`Self::runtime_on`] for a step that needs the engine.
+    async fn engine(&self, machine: &str) -> Result<R, RuntimeError> {
+        self.runtime_on(machine)
+            .await
+            .map_err(|reason| RuntimeError::Unavailable {
+                context: format!("machine `{machine}`: {reason}"),
+                source: None,
+            })
+    }
+
+    /// Every machine a deploy of `manifest` touches: this one, its
+    /// placements, and where the head commit's containers run.
+    fn involved_machines(&self, manifest: &Manifest, head: Option<&DeployRecord>) -> Vec<String> {
+        let mut machines = BTreeSet::from([self.machine.clone()]);
+        for service in manifest.services.values() {
+            machines.extend(replica_machines(service, &self.machine));
+        }
+        for service in head.iter().flat_map(|head| head.services.values()) {
+            machines.extend(service.containers.iter().map(|c| c.machine.clone()));
+        }
+        machines.into_iter().collect()
     }
 
     /// Points containers at this machine's DNS, searching their namespace's
@@ -423,12 +513,50 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             (labels::MANAGED.to_owned(), "true".to_owned()),
             (labels::NAMESPACE.to_owned(), manifest.namespace.clone()),
         ]);
-        let containers = self.runtime.list(&filter).await?;
+        // This machine's engine failing fails the deploy; another machine's
+        // makes that machine unavailable, which fails the plan only when a
+        // placement names it.
+        let mut containers = Vec::new();
+        let mut unavailable = BTreeMap::new();
+        let mut runtimes = BTreeMap::new();
+        for machine in self.involved_machines(manifest, head.as_ref()) {
+            let runtime = match self.runtime_on(&machine).await {
+                Ok(runtime) => runtime,
+                Err(reason) => {
+                    unavailable.insert(machine, reason);
+                    continue;
+                }
+            };
+            match runtime.list(&filter).await {
+                Ok(found) => {
+                    containers.extend(found.into_iter().map(|info| (machine.clone(), info)));
+                    runtimes.insert(machine, runtime);
+                }
+                Err(error) if machine == self.machine => return Err(error.into()),
+                Err(error) => {
+                    unavailable.insert(machine, crate::error_chain(&error));
+                }
+            }
+        }
         let mut images = BTreeMap::new();
         for service in manifest.services.values() {
-            if !images.contains_key(&service.image) {
-                let present = self.runtime.image_exists(&service.image).await?;
-                images.insert(service.image.clone(), present);
+            for machine in replica_machines(service, &self.machine) {
+                let Some(runtime) = runtimes.get(&machine) else {
+                    continue;
+                };
+                let key = (machine.clone(), service.image.clone());
+                if images.contains_key(&key) {
+                    continue;
+                }
+                match runtime.image_exists(&service.image).await {
+                    Ok(present) => {
+                        images.insert(key, present);
+                    }
+                    Err(error) if machine == self.machine => return Err(error.into()),
+                    Err(error) => {
+                        unavailable.insert(machine, crate::error_chain(&error));
+                    }
+                }
             }
         }
         let capabilities = self.volumes.capabilities();
@@ -457,6 +585,7 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             head,
             containers,
             images,
+            unavailable,
             volumes,
             storage: capabilities,
             storage_kind: self.volumes.kind(),
@@ -504,9 +633,23 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             (labels::MANAGED.to_owned(), "true".to_owned()),
             (labels::DEPLOY.to_owned(), next.to_string()),
         ]);
-        let leftovers = self.runtime.list(&filter).await?;
-        for container in &leftovers {
-            self.runtime.remove(&container.id).await?;
+        let mut leftovers = 0;
+        for machine in self.involved_machines(manifest, head.as_ref()) {
+            // A machine that cannot be reached now fails the plan if the
+            // deploy places on it; otherwise its leftovers wait for a
+            // deploy that can reach it.
+            let Ok(runtime) = self.runtime_on(&machine).await else {
+                continue;
+            };
+            let found = match runtime.list(&filter).await {
+                Ok(found) => found,
+                Err(error) if machine == self.machine => return Err(error.into()),
+                Err(_) => continue,
+            };
+            for container in &found {
+                runtime.remove(&container.id).await?;
+            }
+            leftovers += found.len();
         }
 
         let mut restored = Vec::new();
@@ -514,6 +657,9 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         if self.volumes.capabilities().snapshots {
             let deploy_point = SnapshotName::new(&next.deploy_point())?;
             for (service_name, service) in &manifest.services {
+                if service.volumes.is_empty() {
+                    continue;
+                }
                 let head_containers = head
                     .as_ref()
                     .and_then(|head| head.services.get(service_name))
@@ -522,7 +668,8 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
                 let mut service_ran = false;
                 for container in &head_containers {
                     let info = self
-                        .runtime
+                        .engine(&container.machine)
+                        .await?
                         .inspect(&ContainerId(container.id.clone()))
                         .await?;
                     service_ran |= info.is_some_and(|info| info.state == ContainerState::Running);
@@ -549,7 +696,7 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
                 }
             }
         }
-        let status = if leftovers.is_empty() && restored.is_empty() && discarded.is_empty() {
+        let status = if leftovers == 0 && restored.is_empty() && discarded.is_empty() {
             StepStatus::Skipped
         } else {
             StepStatus::Done
@@ -558,8 +705,7 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             format!("nothing left by an interrupted {next}")
         } else {
             format!(
-                "removed {} container(s) of an interrupted {next}; volumes returned to {}: {restored:?}; stale snapshots discarded: {discarded:?}",
-                leftovers.len(),
+                "removed {leftovers} container(s) of an interrupted {next}; volumes returned to {}: {restored:?}; stale snapshots discarded: {discarded:?}",
                 next.deploy_point()
             )
         };
@@ -575,7 +721,7 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         service: &Service,
         service_plan: &ServicePlan,
         plan: &DeployPlan,
-        progress: &mut Progress,
+        progress: &mut Progress<R>,
     ) -> Result<Vec<ContainerRecord>, StepCause> {
         let name = &service_plan.service;
         let step = format!("service {name}");
@@ -584,8 +730,9 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         {
             for container in &service_plan.current {
                 let id = ContainerId(container.id.clone());
-                self.runtime.stop(&id, service.stop_grace_period).await?;
-                progress.stopped.push(id);
+                let runtime = self.engine(&container.machine).await?;
+                runtime.stop(&id, service.stop_grace_period).await?;
+                progress.stopped.push((runtime, id));
             }
         }
         // Volumes: create, take the deploy point (also for a kept service: a
@@ -638,19 +785,24 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         .await?;
         let mut started = Vec::new();
         for replica in 0..service_plan.replicas {
+            let machine = service_plan
+                .machines
+                .get(replica as usize)
+                .cloned()
+                .unwrap_or_else(|| self.machine.clone());
+            let runtime = self.engine(&machine).await?;
             let spec = self
                 .container_spec(manifest, service, service_plan, plan, replica, run)
                 .await?;
-            let id = self.runtime.create(&spec).await?;
-            progress.started.push(id.clone());
-            self.runtime.start(&id).await?;
-            started.push((replica, spec.name, id));
+            let id = runtime.create(&spec).await?;
+            progress.started.push((runtime.clone(), id.clone()));
+            runtime.start(&id).await?;
+            started.push((replica, machine, runtime, spec.name, id));
         }
         let mut records = Vec::new();
-        for (replica, container_name, id) in started {
-            health::wait_ready(&self.runtime, &id, service.health.as_ref()).await?;
-            let addresses = self
-                .runtime
+        for (replica, machine, runtime, container_name, id) in started {
+            health::wait_ready(&runtime, &id, service.health.as_ref()).await?;
+            let addresses = runtime
                 .inspect(&id)
                 .await?
                 .map(|info| info.addresses.iter().map(ToString::to_string).collect())
@@ -659,13 +811,13 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
                 id: id.0,
                 name: container_name,
                 replica,
-                machine: self.machine.clone(),
+                machine,
                 addresses,
             });
         }
-        let ids: Vec<&str> = records
+        let ids: Vec<String> = records
             .iter()
-            .map(|r| r.id.get(..12).unwrap_or(&r.id))
+            .map(|r| format!("{} on {}", short(&r.id), r.machine))
             .collect();
         run.step(
             &step,
@@ -738,10 +890,10 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
 
     /// Undoes a deploy that will not commit; returns what it did, in words.
     /// Best effort: every step is tried, and failures are named.
-    async fn undo(&self, progress: &Progress) -> String {
+    async fn undo(&self, progress: &Progress<R>) -> String {
         let mut done = Vec::new();
-        for id in progress.started.iter().rev() {
-            match self.runtime.remove(id).await {
+        for (runtime, id) in progress.started.iter().rev() {
+            match runtime.remove(id).await {
                 Ok(()) => done.push(format!("removed new container {}", short(&id.0))),
                 Err(error) => done.push(format!(
                     "FAILED to remove new container {}: {error}",
@@ -757,8 +909,8 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
                 )),
             }
         }
-        for id in &progress.stopped {
-            match self.runtime.start(id).await {
+        for (runtime, id) in &progress.stopped {
+            match runtime.start(id).await {
                 Ok(()) => done.push(format!("restarted old container {}", short(&id.0))),
                 Err(error) => done.push(format!(
                     "FAILED to restart old container {}: {error}",
@@ -803,29 +955,35 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             .values()
             .flat_map(|s| s.containers.iter().map(|c| c.id.as_str()))
             .collect();
-        let mut doomed: Vec<(String, Duration)> = Vec::new();
+        // (container id, its machine, stop grace)
+        let mut doomed: Vec<(String, String, Duration)> = Vec::new();
         for service in &plan.services {
             let grace = record
                 .manifest
                 .services
                 .get(&service.service)
                 .map_or(Duration::from_secs(10), |s| s.stop_grace_period);
-            doomed.extend(service.current.iter().map(|c| (c.id.clone(), grace)));
+            doomed.extend(
+                service
+                    .current
+                    .iter()
+                    .map(|c| (c.id.clone(), c.machine.clone(), grace)),
+            );
         }
         for removed in &plan.removed_services {
             doomed.extend(
                 removed
                     .containers
                     .iter()
-                    .map(|c| (c.id.clone(), Duration::from_secs(10))),
+                    .map(|c| (c.id.clone(), c.machine.clone(), Duration::from_secs(10))),
             );
         }
         doomed.extend(
             plan.orphans
                 .iter()
-                .map(|id| (id.clone(), Duration::from_secs(10))),
+                .map(|o| (o.id.clone(), o.machine.clone(), Duration::from_secs(10))),
         );
-        doomed.retain(|(id, _)| !kept.contains(&id.as_str()));
+        doomed.retain(|(id, _, _)| !kept.contains(&id.as_str()));
         doomed.sort();
         doomed.dedup_by(|a, b| a.0 == b.0);
 
@@ -834,15 +992,16 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             .await?;
 
         let mut failures = Vec::new();
-        for (id, grace) in &doomed {
+        for (id, machine, grace) in &doomed {
             let id = ContainerId(id.clone());
             let result = async {
-                if let Some(info) = self.runtime.inspect(&id).await?
+                let runtime = self.engine(machine).await?;
+                if let Some(info) = runtime.inspect(&id).await?
                     && info.state == ContainerState::Running
                 {
-                    self.runtime.stop(&id, *grace).await?;
+                    runtime.stop(&id, *grace).await?;
                 }
-                self.runtime.remove(&id).await
+                runtime.remove(&id).await
             }
             .await;
             if let Err(error) = result {

@@ -39,7 +39,8 @@ pub struct Service {
     pub ports: Vec<u16>,
     #[serde(default = "one")]
     pub replicas: u32,
-    /// Machine ids to run on; empty means this machine.
+    /// Machine ids to run on, replica `i` on `placement[i % len]`; empty
+    /// means the machine that runs the deploy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placement: Vec<String>,
     #[serde(default = "default_grace", with = "duration_text")]
@@ -300,6 +301,15 @@ impl Manifest {
             }
             if !(1..=64).contains(&service.replicas) {
                 return Err(invalid(at("replicas"), "must be between 1 and 64"));
+            }
+            for (index, machine) in service.placement.iter().enumerate() {
+                check_label(&at(&format!("placement[{index}]")), machine)?;
+                if service.placement[..index].contains(machine) {
+                    return Err(invalid(
+                        at("placement"),
+                        format!("names machine `{machine}` twice"),
+                    ));
+                }
             }
             if service.stop_grace_period > Duration::from_secs(3600) {
                 return Err(invalid(at("stop_grace_period"), "must be at most 1h"));

@@ -25,10 +25,14 @@ pub struct Observation {
     pub machine: String,
     /// The namespace's latest commit.
     pub head: Option<DeployRecord>,
-    /// Every Ployz container of the namespace on this machine.
-    pub containers: Vec<ContainerInfo>,
-    /// Whether each image the manifest names is present.
-    pub images: BTreeMap<String, bool>,
+    /// Every Ployz container of the namespace on the machines the deploy
+    /// touches (its placements and its head's), with the machine it is on.
+    pub containers: Vec<(String, ContainerInfo)>,
+    /// Whether each image the manifest names is present, per machine
+    /// placed on: `(machine, image)`.
+    pub images: BTreeMap<(String, String), bool>,
+    /// Machines a placement names that cannot run containers now, with why.
+    pub unavailable: BTreeMap<String, String>,
     /// Each volume the manifest names: present or not, and its snapshots.
     pub volumes: BTreeMap<String, VolumeObservation>,
     pub storage: Capabilities,
@@ -58,7 +62,7 @@ pub struct DeployPlan {
     pub routes: RoutesChange,
     /// Ployz containers of the namespace that no commit owns (left by an
     /// interrupted deploy or a failed cleanup): removed after the commit.
-    pub orphans: Vec<String>,
+    pub orphans: Vec<Orphan>,
     pub notes: Vec<String>,
 }
 
@@ -69,6 +73,8 @@ pub struct ServicePlan {
     pub strategy: Strategy,
     pub config_hash: String,
     pub replicas: u32,
+    /// The machine each replica runs on, by replica index.
+    pub machines: Vec<String>,
     /// The containers serving now, from the head commit.
     pub current: Vec<ContainerRecord>,
     pub reason: String,
@@ -111,6 +117,13 @@ impl Strategy {
     }
 }
 
+/// A container no commit owns, and the machine it is on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Orphan {
+    pub id: String,
+    pub machine: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RemovedService {
     pub service: String,
@@ -138,19 +151,20 @@ pub struct RoutesChange {
 /// A precondition the deploy cannot meet; nothing has been touched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error(
-        "service `{service}` is placed on machine `{machine}`, but this machine is `{local}`; \
-         placement on other machines arrives with the mesh"
-    )]
+    #[error("service `{service}` cannot be placed on machine `{machine}`: {reason}")]
     PlacementUnavailable {
         service: String,
         machine: String,
-        local: String,
+        reason: String,
     },
     #[error(
-        "service `{service}` needs image `{image}`, which is not present on this machine; build or load it first"
+        "service `{service}` needs image `{image}`, which is not present on machine `{machine}`; build or load it there first"
     )]
-    ImageMissing { service: String, image: String },
+    ImageMissing {
+        service: String,
+        image: String,
+        machine: String,
+    },
     #[error(
         "volume `{volume}` asks to restore snapshot `{snapshot}`, but the {backend} backend has no snapshots"
     )]
@@ -241,8 +255,8 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
     let running: BTreeSet<&str> = observed
         .containers
         .iter()
-        .filter(|c| c.state == ContainerState::Running)
-        .map(|c| c.id.0.as_str())
+        .filter(|(_, c)| c.state == ContainerState::Running)
+        .map(|(_, c)| c.id.0.as_str())
         .collect();
 
     check_routes(manifest, observed)?;
@@ -250,23 +264,38 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
     let mut volumes = Vec::new();
     let mut notes = Vec::new();
     for (name, service) in &manifest.services {
-        if let Some(machine) = service.placement.iter().find(|m| **m != observed.machine) {
-            return Err(PlanError::PlacementUnavailable {
-                service: name.clone(),
-                machine: machine.clone(),
-                local: observed.machine.clone(),
-            });
-        }
-        if !observed
-            .images
-            .get(&service.image)
-            .copied()
-            .unwrap_or(false)
-        {
-            return Err(PlanError::ImageMissing {
-                service: name.clone(),
-                image: service.image.clone(),
-            });
+        let machines = replica_machines(service, &observed.machine);
+        for machine in unique(&machines) {
+            if let Some(reason) = observed.unavailable.get(machine) {
+                return Err(PlanError::PlacementUnavailable {
+                    service: name.clone(),
+                    machine: machine.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            if !service.volumes.is_empty() && *machine != observed.machine {
+                return Err(PlanError::PlacementUnavailable {
+                    service: name.clone(),
+                    machine: machine.clone(),
+                    reason: format!(
+                        "the service owns volumes, which live on the machine that deploys it \
+                         (`{}`); deploy from `{machine}`, or move the volumes there first",
+                        observed.machine
+                    ),
+                });
+            }
+            let present = observed
+                .images
+                .get(&(machine.clone(), service.image.clone()))
+                .copied()
+                .unwrap_or(false);
+            if !present {
+                return Err(PlanError::ImageMissing {
+                    service: name.clone(),
+                    image: service.image.clone(),
+                    machine: machine.clone(),
+                });
+            }
         }
         let config_hash = config_hash(&manifest.namespace, name, service);
         let current = head
@@ -276,14 +305,22 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
         let restoring = service.volumes.iter().any(|v| v.restore.is_some());
         let all_running =
             !current.is_empty() && current.iter().all(|c| running.contains(c.id.as_str()));
+        let placed_as_before = current.len() == machines.len()
+            && current
+                .iter()
+                .all(|c| machines.get(c.replica as usize) == Some(&c.machine));
         let unchanged = head
             .and_then(|head| head.services.get(name))
-            .is_some_and(|record| record.config_hash == config_hash);
+            .is_some_and(|record| record.config_hash == config_hash)
+            && placed_as_before;
         let (action, reason) = match (current.is_empty(), unchanged && all_running && !restoring) {
             (true, _) => (ServiceAction::Create, "new service".to_owned()),
             (false, true) => (ServiceAction::Keep, "unchanged and running".to_owned()),
             (false, false) if restoring => {
                 (ServiceAction::Replace, "restores volume state".to_owned())
+            }
+            (false, false) if !placed_as_before => {
+                (ServiceAction::Replace, "placement changed".to_owned())
             }
             (false, false) if !unchanged => {
                 (ServiceAction::Replace, "specification changed".to_owned())
@@ -355,6 +392,7 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
             strategy,
             config_hash,
             replicas: service.replicas,
+            machines,
             current,
             reason,
         });
@@ -398,11 +436,14 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
                 .collect()
         })
         .unwrap_or_default();
-    let orphans: Vec<String> = observed
+    let orphans: Vec<Orphan> = observed
         .containers
         .iter()
-        .filter(|c| !owned.contains(c.id.0.as_str()))
-        .map(|c| c.id.0.clone())
+        .filter(|(_, c)| !owned.contains(c.id.0.as_str()))
+        .map(|(machine, c)| Orphan {
+            id: c.id.0.clone(),
+            machine: machine.clone(),
+        })
         .collect();
 
     let after = route_summaries(manifest);
@@ -422,6 +463,30 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
         orphans,
         notes,
     })
+}
+
+/// The machine of each replica: the placement's machines in turn (replica
+/// `i` on `placement[i % len]`), or `local` for every replica when the
+/// placement is empty.
+pub fn replica_machines(service: &Service, local: &str) -> Vec<String> {
+    (0..service.replicas as usize)
+        .map(|replica| {
+            if service.placement.is_empty() {
+                local.to_owned()
+            } else {
+                service.placement[replica % service.placement.len()].clone()
+            }
+        })
+        .collect()
+}
+
+/// `machines` without repeats, in first-seen order.
+fn unique(machines: &[String]) -> Vec<&String> {
+    let mut seen = BTreeSet::new();
+    machines
+        .iter()
+        .filter(|machine| seen.insert(machine.as_str()))
+        .collect()
 }
 
 /// The identity of a service's containers: equal hashes mean identical containers.
@@ -520,11 +585,19 @@ mod tests {
             tls_files: BTreeMap::new(),
             machine: MACHINE.to_owned(),
             head,
-            containers,
-            images: [("v1", true), ("v2", true), ("img", true)]
+            containers: containers
                 .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
+                .map(|container| (MACHINE.to_owned(), container))
                 .collect(),
+            images: [MACHINE, "m-2", "m-3"]
+                .into_iter()
+                .flat_map(|machine| {
+                    ["v1", "v2", "img"]
+                        .into_iter()
+                        .map(move |image| ((machine.to_owned(), image.to_owned()), true))
+                })
+                .collect(),
+            unavailable: BTreeMap::new(),
             volumes: BTreeMap::new(),
             storage: Capabilities {
                 snapshots: true,
@@ -646,7 +719,13 @@ mod tests {
             ),
         )
         .expect("plan");
-        assert_eq!(plan.orphans, ["left-over"]);
+        assert_eq!(
+            plan.orphans,
+            [Orphan {
+                id: "left-over".to_owned(),
+                machine: MACHINE.to_owned()
+            }]
+        );
     }
 
     #[test]
@@ -675,10 +754,66 @@ mod tests {
         assert!(plan.notes.iter().any(|n| n.contains("brief downtime")));
     }
 
+    fn spread(replicas: u32, placement: &str) -> Manifest {
+        manifest(&format!(
+            "namespace = \"shop\"\n[services.web]\nimage = \"v1\"\nreplicas = {replicas}\nplacement = [{placement}]\n"
+        ))
+    }
+
+    #[test]
+    fn replicas_spread_over_the_placement_in_turn() {
+        let plan = plan(
+            &spread(4, "\"m-1\", \"m-2\", \"m-3\""),
+            &observation(None, Vec::new()),
+        )
+        .expect("plan");
+        assert_eq!(plan.services[0].machines, ["m-1", "m-2", "m-3", "m-1"]);
+        let local = super::plan(&web("v1"), &observation(None, Vec::new())).expect("plan");
+        assert_eq!(local.services[0].machines, [MACHINE]);
+    }
+
+    #[test]
+    fn a_moved_replica_replaces_the_service() {
+        let before = spread(1, "\"m-1\"");
+        let head = head_for(&before, 1, "c1");
+        let running = vec![container("c1", ContainerState::Running)];
+        let same = plan(&before, &observation(Some(head.clone()), running.clone())).expect("plan");
+        assert_eq!(same.services[0].action, ServiceAction::Keep);
+        let moved = plan(&spread(1, "\"m-2\""), &observation(Some(head), running)).expect("plan");
+        assert_eq!(moved.services[0].action, ServiceAction::Replace);
+        assert_eq!(moved.services[0].reason, "placement changed");
+    }
+
+    #[test]
+    fn an_image_missing_on_one_placed_machine_names_that_machine() {
+        let mut observed = observation(None, Vec::new());
+        observed
+            .images
+            .insert(("m-3".to_owned(), "v1".to_owned()), false);
+        assert!(matches!(
+            plan(&spread(3, "\"m-1\", \"m-2\", \"m-3\""), &observed),
+            Err(PlanError::ImageMissing { machine, .. }) if machine == "m-3"
+        ));
+    }
+
+    #[test]
+    fn a_service_with_volumes_stays_on_the_deploying_machine() {
+        let remote = manifest(
+            "namespace = \"shop\"\n[services.db]\nimage = \"img\"\nplacement = [\"m-2\"]\n[[services.db.volumes]]\nname = \"data\"\nmount = \"/data\"\n",
+        );
+        assert!(matches!(
+            plan(&remote, &observation(None, Vec::new())),
+            Err(PlanError::PlacementUnavailable { machine, reason, .. })
+                if machine == "m-2" && reason.contains("volumes")
+        ));
+    }
+
     #[test]
     fn preconditions_fail_before_anything_is_planned() {
         let mut observed = observation(None, Vec::new());
-        observed.images.insert("v1".to_owned(), false);
+        observed
+            .images
+            .insert((MACHINE.to_owned(), "v1".to_owned()), false);
         assert!(matches!(
             plan(&web("v1"), &observed),
             Err(PlanError::ImageMissing { .. })
@@ -687,9 +822,14 @@ mod tests {
         let placed = manifest(
             "namespace = \"shop\"\n[services.web]\nimage = \"v2\"\nplacement = [\"m-9\"]\n",
         );
+        let mut observed = observation(None, Vec::new());
+        observed
+            .unavailable
+            .insert("m-9".to_owned(), "not a member".to_owned());
         assert!(matches!(
-            plan(&placed, &observation(None, Vec::new())),
-            Err(PlanError::PlacementUnavailable { .. })
+            plan(&placed, &observed),
+            Err(PlanError::PlacementUnavailable { machine, reason, .. })
+                if machine == "m-9" && reason == "not a member"
         ));
 
         let restore = with_volume(Some("deploy-3"));

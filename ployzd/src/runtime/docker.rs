@@ -174,6 +174,11 @@ impl DockerRuntime {
         }
     }
 
+    /// The network containers join, `None` for the default bridge.
+    pub fn network(&self) -> Option<&OverlayNetwork> {
+        self.network.as_ref()
+    }
+
     fn network_name(&self) -> Option<&str> {
         self.network.as_ref().map(|network| network.name.as_str())
     }
