@@ -350,10 +350,10 @@ impl PeerRuntime {
                     source: Some(Box::new(error)),
                 }
             })?;
-        match reply {
-            PeerReply::Failed(error) => Err(error.into_runtime_error(&self.machine_id)),
-            reply => Ok(reply),
+        if let PeerReply::Failed(error) = reply {
+            return Err(error.into_runtime_error(&self.machine_id));
         }
+        Ok(reply)
     }
 
     fn status_error(&self, status: &tonic::Status) -> RuntimeError {
@@ -391,26 +391,29 @@ impl ContainerRuntime for PeerRuntime {
         let call = PeerCall::ImageExists {
             image: image.to_owned(),
         };
-        match self.call(call, Duration::ZERO).await? {
-            PeerReply::Exists(exists) => Ok(exists),
-            other => Err(self.unexpected(&other)),
-        }
+        let reply = self.call(call, Duration::ZERO).await?;
+        let PeerReply::Exists(exists) = reply else {
+            return Err(self.unexpected(&reply));
+        };
+        Ok(exists)
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, RuntimeError> {
         let call = PeerCall::Create { spec: spec.clone() };
-        match self.call(call, Duration::ZERO).await? {
-            PeerReply::Created(id) => Ok(id),
-            other => Err(self.unexpected(&other)),
-        }
+        let reply = self.call(call, Duration::ZERO).await?;
+        let PeerReply::Created(id) = reply else {
+            return Err(self.unexpected(&reply));
+        };
+        Ok(id)
     }
 
     async fn start(&self, id: &ContainerId) -> Result<(), RuntimeError> {
         let call = PeerCall::Start { id: id.clone() };
-        match self.call(call, Duration::ZERO).await? {
-            PeerReply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
+        let reply = self.call(call, Duration::ZERO).await?;
+        if let PeerReply::Done = reply {
+            return Ok(());
         }
+        Err(self.unexpected(&reply))
     }
 
     async fn stop(&self, id: &ContainerId, grace: Duration) -> Result<(), RuntimeError> {
@@ -418,26 +421,29 @@ impl ContainerRuntime for PeerRuntime {
             id: id.clone(),
             grace,
         };
-        match self.call(call, grace).await? {
-            PeerReply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
+        let reply = self.call(call, grace).await?;
+        if let PeerReply::Done = reply {
+            return Ok(());
         }
+        Err(self.unexpected(&reply))
     }
 
     async fn remove(&self, id: &ContainerId) -> Result<(), RuntimeError> {
         let call = PeerCall::Remove { id: id.clone() };
-        match self.call(call, Duration::ZERO).await? {
-            PeerReply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
+        let reply = self.call(call, Duration::ZERO).await?;
+        if let PeerReply::Done = reply {
+            return Ok(());
         }
+        Err(self.unexpected(&reply))
     }
 
     async fn inspect(&self, id: &ContainerId) -> Result<Option<ContainerInfo>, RuntimeError> {
         let call = PeerCall::Inspect { id: id.clone() };
-        match self.call(call, Duration::ZERO).await? {
-            PeerReply::Inspected(info) => Ok(info),
-            other => Err(self.unexpected(&other)),
-        }
+        let reply = self.call(call, Duration::ZERO).await?;
+        let PeerReply::Inspected(info) = reply else {
+            return Err(self.unexpected(&reply));
+        };
+        Ok(info)
     }
 
     async fn list(
@@ -447,10 +453,11 @@ impl ContainerRuntime for PeerRuntime {
         let call = PeerCall::List {
             labels: labels.clone(),
         };
-        match self.call(call, Duration::ZERO).await? {
-            PeerReply::Listed(found) => Ok(found),
-            other => Err(self.unexpected(&other)),
-        }
+        let reply = self.call(call, Duration::ZERO).await?;
+        let PeerReply::Listed(found) = reply else {
+            return Err(self.unexpected(&reply));
+        };
+        Ok(found)
     }
 
     async fn exec(
@@ -464,10 +471,11 @@ impl ContainerRuntime for PeerRuntime {
             command: command.to_vec(),
             timeout,
         };
-        match self.call(call, timeout).await? {
-            PeerReply::Executed(output) => Ok(output),
-            other => Err(self.unexpected(&other)),
-        }
+        let reply = self.call(call, timeout).await?;
+        let PeerReply::Executed(output) = reply else {
+            return Err(self.unexpected(&reply));
+        };
+        Ok(output)
     }
 }
 
