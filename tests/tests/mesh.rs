@@ -325,6 +325,57 @@ fn deploy_across_machines(hosts: [&Host; 3]) {
         Some(&third[..12]),
         "{answer}"
     );
+
+    // And by name: the container's DNS (machine 2's ployz-dns) knows the
+    // replicas on every machine, and a connection by name reaches one.
+    let looked_up = hosts[1].exec(&[
+        "docker",
+        "-H",
+        &docker_two,
+        "exec",
+        &on_two,
+        "nslookup",
+        "-type=AAAA",
+        "web.across.ployz.internal",
+    ]);
+    let looked_up_text = String::from_utf8_lossy(&looked_up.stdout).to_string();
+    assert!(
+        looked_up.status.success(),
+        "nslookup: {}",
+        describe(&looked_up)
+    );
+    for address in &addresses {
+        let address: std::net::Ipv6Addr = address.parse().expect("an IPv6 address");
+        assert!(
+            looked_up_text
+                .split_whitespace()
+                .any(|word| word.parse::<std::net::Ipv6Addr>() == Ok(address)),
+            "{address} missing from nslookup: {looked_up_text}"
+        );
+    }
+    let by_name = hosts[1].exec(&[
+        "docker",
+        "-H",
+        &docker_two,
+        "exec",
+        &on_two,
+        "sh",
+        "-c",
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc web.across.ployz.internal 8080",
+    ]);
+    let answer = String::from_utf8_lossy(&by_name.stdout).to_string();
+    assert!(
+        by_name.status.success(),
+        "nc by name: {}",
+        describe(&by_name)
+    );
+    assert!(
+        answer
+            .lines()
+            .last()
+            .is_some_and(|body| hostnames.contains(body.trim())),
+        "{answer}"
+    );
 }
 
 fn start_daemon(host: &Host) {
