@@ -41,9 +41,9 @@ const BINARIES: [&str; 6] = [
 const DEFAULT_BIN_DIR: &str = "/usr/local/lib/ployz/bin";
 /// Bound on the SSH connection itself.
 const SSH_CONNECT_TIMEOUT_SECS: u32 = 10;
-/// Ports a fresh target must have free: WireGuard (UDP) and NATS (TCP).
+/// Ports a fresh target must have free: WireGuard (UDP), NATS and the peer API (TCP).
 const UDP_PORTS: [u16; 1] = [51820];
-const TCP_PORTS: [u16; 2] = [4722, 4723];
+const TCP_PORTS: [u16; 3] = [4722, 4723, 4724];
 
 /// What `machine add` reports per target.
 #[derive(Debug, Serialize)]
