@@ -125,6 +125,37 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// What `deploy_across_machines` deployed.
+struct Across {
+    /// The manifest, on machine 1.
+    manifest: String,
+    /// The machine ids, in host order.
+    machines: Vec<String>,
+    /// Each host's replica, in host order.
+    containers: Vec<String>,
+}
+
+/// The ids of the `across` namespace's running containers, as `docker ps`
+/// on `host`'s engine lists them.
+fn across_containers(host: &Host) -> Vec<String> {
+    let docker_host = host.docker_host().expect("the host runs dockerd");
+    let listed = host.exec(&[
+        "docker",
+        "-H",
+        &docker_host,
+        "ps",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        "label=ployz.namespace=across",
+    ]);
+    assert!(listed.status.success(), "docker ps: {}", describe(&listed));
+    String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A service whose every replica answers `GET /` with its container's
 /// hostname (the short container id), on port 8080.
 const ACROSS_MANIFEST: &str = r#"namespace = "across"
@@ -150,7 +181,7 @@ const ACROSS_IMAGE: &str = "ployz-example:mesh";
 /// each host shows its replica; the gateway on machine 1 reaches all three;
 /// `dig` on machine 3's DNS answers three addresses; a container on machine 2
 /// reaches one on machine 3 by its overlay address.
-fn deploy_across_machines(hosts: [&Host; 3]) {
+fn deploy_across_machines(hosts: [&Host; 3]) -> Across {
     ployz_tests::image::ensure_example_image(ACROSS_IMAGE).expect("build the example image");
     let ids: Vec<String> = hosts
         .iter()
@@ -198,20 +229,8 @@ fn deploy_across_machines(hosts: [&Host; 3]) {
             .unwrap_or_else(|| panic!("replica {replica} in {deployed:#}"));
         assert_eq!(container["machine"], ids[replica], "{deployed:#}");
         let id = container["id"].as_str().expect("a container id");
-        let docker_host = host.docker_host().expect("the host runs dockerd");
-        let listed = host.exec(&[
-            "docker",
-            "-H",
-            &docker_host,
-            "ps",
-            "-q",
-            "--no-trunc",
-            "--filter",
-            "label=ployz.namespace=across",
-        ]);
-        let listed = String::from_utf8_lossy(&listed.stdout).to_string();
         assert_eq!(
-            listed.split_whitespace().collect::<Vec<_>>(),
+            across_containers(host),
             [id],
             "docker ps on {}",
             host.name()
@@ -376,6 +395,15 @@ fn deploy_across_machines(hosts: [&Host; 3]) {
             .is_some_and(|body| hostnames.contains(body.trim())),
         "{answer}"
     );
+
+    Across {
+        manifest: path,
+        machines: ids,
+        containers: hosts
+            .iter()
+            .map(|host| across_containers(host).concat())
+            .collect(),
+    }
 }
 
 fn start_daemon(host: &Host) {
@@ -504,7 +532,7 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         assert_eq!(peer["observed"], "reachable", "{status}");
     }
 
-    deploy_across_machines([one, two, three]);
+    let across = deploy_across_machines([one, two, three]);
 
     // A second add of a member is a no-op that says so.
     let again = machine_add(&cluster, one, &[two], &key);
@@ -685,6 +713,30 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         assert!(lost.is_object(), "machine 3 is still listed: {listed}");
         assert_eq!(lost["membership"], "active", "{listed}");
         assert_eq!(lost["observed"], "unreachable", "{listed}");
+    }
+
+    // A deploy that places on the lost machine fails its precondition,
+    // naming the machine, and changes nothing on the other two.
+    let changed = std::fs::read_to_string(&across.manifest)
+        .expect("read the manifest")
+        .replace("replicas = 3", "replicas = 3\nenv = { VERSION = \"2\" }");
+    let changed_path = one.ployz_dir().join("across-2.toml");
+    std::fs::write(&changed_path, changed).expect("write the manifest");
+    let error = ployzctl_error(one, &["deploy", "-f", &changed_path.display().to_string()]);
+    assert_eq!(error["code"], "placement_unavailable", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(across.machines[2].as_str())),
+        "{error}"
+    );
+    for (index, host) in [one, two].into_iter().enumerate() {
+        assert_eq!(
+            across_containers(host),
+            [across.containers[index].clone()],
+            "docker ps on {} after the refused deploy",
+            host.name()
+        );
     }
 
     // Back on the underlay, machine 3 catches up: it sees both others over
