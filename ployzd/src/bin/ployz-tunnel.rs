@@ -75,7 +75,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
 
     let (commands, receiver) = mpsc::channel(16);
-    let device = Device::new(tun, udp, receiver);
+    let device =
+        Device::new(tun, udp, receiver).map_err(|error| anyhow::anyhow!(error_chain(&error)))?;
     let server = UapiServer::new(listener, commands);
     let shutdown = CancellationToken::new();
     // Whichever part stops first stops the others.

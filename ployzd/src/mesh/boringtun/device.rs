@@ -4,10 +4,18 @@
 //! index (or, for handshake initiations, by the sender's static key), and
 //! ticks the protocol timers. Configuration arrives as [`DeviceCommand`]s from
 //! the UAPI server; this module knows nothing about sockets' text protocol.
+//!
+//! The cost of a userspace tunnel is one system call per packet, so both
+//! sides move packets in batches. The TUN device runs with offloads
+//! (virtio-net headers): one read yields a whole TCP burst the kernel has not
+//! segmented yet, split here into MTU-sized packets, and one write hands the
+//! kernel many decrypted packets coalesced (GRO). The UDP socket sends runs of
+//! equal-sized datagrams to one peer as a single GSO send and reads
+//! coalesced datagrams with GRO (quinn-udp).
 
 use std::{
     collections::HashMap,
-    io,
+    io::{self, IoSliceMut},
     net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
     os::fd::AsRawFd,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -17,13 +25,15 @@ use ::boringtun::{
     noise::{Packet, Tunn, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon},
     x25519::{PublicKey, StaticSecret},
 };
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
+    io::Interest,
     net::UdpSocket,
     sync::{mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::{
     allowed_ips::AllowedIpTable,
@@ -42,6 +52,20 @@ const MAX_PACKET: usize = 65_535;
 const OUT_BUFFER: usize = MAX_PACKET + 256;
 /// How long [`create_tun`] waits for a same-named TUN of a dead process to go.
 const TUN_BUSY_WAIT: Duration = Duration::from_secs(5);
+/// The most packets one TUN read yields, and one TUN write takes.
+const BATCH: usize = IDEAL_BATCH_SIZE;
+/// Room for one packet of the MTU once the kernel's burst is split.
+const SEGMENT_BUFFER: usize = 4096;
+/// Where a decrypted packet starts in a TUN write buffer: after the room for
+/// the virtio-net header the offload path writes in front of it.
+const TUN_OFFSET: usize = 16;
+/// A GSO send stays below the 64 KiB a UDP send may carry (EMSGSIZE beyond).
+const GSO_MAX_BYTES: usize = 65_000;
+/// How many (possibly coalesced) reads one UDP wake-up drains at most, so
+/// the TUN side and the commands get their turn.
+const UDP_READS_PER_WAKE: usize = 16;
+/// Buffers handed to one UDP receive call (recvmmsg), each a GRO batch.
+const UDP_RECV_BUFFERS: usize = 4;
 
 /// Why the device could not be set up or reconfigured.
 #[derive(Debug, thiserror::Error)]
@@ -80,14 +104,24 @@ pub enum DeviceCommand {
     },
 }
 
-/// Creates the TUN device `name` (layer 3, no packet information header).
-/// Retries while the kernel still holds a same-named device of a process that
-/// just died (EBUSY).
+/// Creates the TUN device `name` (layer 3, no packet information header),
+/// with offloads where the kernel offers them. Retries while the kernel still
+/// holds a same-named device of a process that just died (EBUSY).
 pub async fn create_tun(name: &str) -> Result<AsyncDevice, DeviceError> {
     let deadline = tokio::time::Instant::now() + TUN_BUSY_WAIT;
+    let mut offload = true;
     loop {
-        match DeviceBuilder::new().name(name).mtu(TUN_MTU).build_async() {
+        match DeviceBuilder::new()
+            .name(name)
+            .mtu(TUN_MTU)
+            .offload(offload)
+            .build_async()
+        {
             Ok(device) => return Ok(device),
+            Err(error) if offload && error.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(%error, "the TUN device refuses offloads; packets move one per system call");
+                offload = false;
+            }
             Err(error)
                 if error.raw_os_error() == Some(libc::EBUSY)
                     && tokio::time::Instant::now() < deadline =>
@@ -205,10 +239,10 @@ impl State {
         }
     }
 
-    fn apply(&mut self, request: SetRequest, udp: &mut UdpSocket) -> Result<(), DeviceError> {
+    fn apply(&mut self, request: SetRequest, udp: &mut Udp) -> Result<(), DeviceError> {
         if let Some(mark) = request.fwmark {
             let mark = (mark != 0).then_some(mark);
-            let socket = socket2::SockRef::from(&*udp);
+            let socket = socket2::SockRef::from(&udp.socket);
             let value = mark.unwrap_or(0);
             socket
                 .set_mark(value)
@@ -221,8 +255,11 @@ impl State {
         if let Some(port) = request.listen_port
             && (port != self.listen_port || port == 0)
         {
-            *udp = bind_udp(port, self.fwmark)?;
-            self.listen_port = udp.local_addr().map_or(port, |address| address.port());
+            *udp = Udp::new(bind_udp(port, self.fwmark)?)?;
+            self.listen_port = udp
+                .socket
+                .local_addr()
+                .map_or(port, |address| address.port());
         }
         if let Some(key) = request.private_key {
             self.private_key = (!key.is_zero()).then(|| {
@@ -364,30 +401,180 @@ fn on_socket(address: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn send_to(udp: &UdpSocket, packet: &[u8], endpoint: SocketAddr) {
-    if let Err(error) = udp.send_to(packet, on_socket(endpoint)).await {
-        tracing::debug!(%endpoint, %error, "cannot send a WireGuard datagram");
+/// The UDP socket with its offload state (GSO and GRO where the kernel has them).
+struct Udp {
+    socket: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl Udp {
+    fn new(socket: UdpSocket) -> Result<Self, DeviceError> {
+        let port = socket.local_addr().map_or(0, |address| address.port());
+        let state = UdpSocketState::new((&socket).into())
+            .map_err(|source| DeviceError::BindUdp { port, source })?;
+        Ok(Self { socket, state })
+    }
+
+    /// Sends `contents` to `endpoint`: one datagram, or with `segment` a GSO
+    /// run of datagrams of that size (the last may be shorter).
+    async fn send(&self, contents: &[u8], endpoint: SocketAddr, segment: Option<usize>) {
+        let transmit = Transmit {
+            destination: on_socket(endpoint),
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        loop {
+            if let Err(error) = self.socket.writable().await {
+                tracing::debug!(%endpoint, %error, "cannot send a WireGuard datagram");
+                return;
+            }
+            match self.socket.try_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.socket).into(), &transmit)
+            }) {
+                Ok(()) => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => {
+                    tracing::debug!(%endpoint, %error, "cannot send a WireGuard datagram");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn try_recv(&self, buffers: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        self.socket.try_io(Interest::READABLE, || {
+            self.state.recv((&self.socket).into(), buffers, meta)
+        })
+    }
+}
+
+/// Collects encrypted datagrams into GSO runs: consecutive datagrams to one
+/// endpoint, all of one size but the last, sent with a single system call.
+struct GsoBatch {
+    buffer: Vec<u8>,
+    endpoint: Option<SocketAddr>,
+    segment: usize,
+    segments: usize,
+}
+
+impl GsoBatch {
+    fn new() -> Self {
+        Self {
+            buffer: Vec::with_capacity(GSO_MAX_BYTES),
+            endpoint: None,
+            segment: 0,
+            segments: 0,
+        }
+    }
+
+    async fn push(&mut self, udp: &Udp, datagram: &[u8], endpoint: SocketAddr) {
+        let joins = self.segments > 0
+            && self.endpoint == Some(endpoint)
+            && datagram.len() <= self.segment
+            && self.segments < udp.state.max_gso_segments()
+            && self.buffer.len() + datagram.len() <= GSO_MAX_BYTES;
+        if !joins {
+            self.flush(udp).await;
+            self.endpoint = Some(endpoint);
+            self.segment = datagram.len();
+        }
+        self.buffer.extend_from_slice(datagram);
+        self.segments += 1;
+        // A shorter datagram can only end a run.
+        if datagram.len() < self.segment {
+            self.flush(udp).await;
+        }
+    }
+
+    async fn flush(&mut self, udp: &Udp) {
+        if let Some(endpoint) = self.endpoint.take()
+            && self.segments > 0
+        {
+            let segment = (self.segments > 1).then_some(self.segment);
+            udp.send(&self.buffer, endpoint, segment).await;
+        }
+        self.buffer.clear();
+        self.segments = 0;
+    }
+}
+
+/// Decrypted packets waiting for one batched TUN write.
+struct TunBatch {
+    /// Each buffer holds [`TUN_OFFSET`] bytes of room, then a packet.
+    buffers: Vec<Vec<u8>>,
+    filled: usize,
+    gro: GROTable,
+}
+
+impl TunBatch {
+    fn new() -> Self {
+        let buffers = (0..BATCH)
+            .map(|_| {
+                // Room to grow: the write may coalesce packets into a buffer.
+                let mut buffer = Vec::with_capacity(TUN_OFFSET + MAX_PACKET);
+                buffer.resize(TUN_OFFSET + SEGMENT_BUFFER, 0);
+                buffer
+            })
+            .collect();
+        Self {
+            buffers,
+            filled: 0,
+            gro: GROTable::default(),
+        }
+    }
+
+    /// Where the next packet is decrypted to.
+    fn next_slot(&mut self) -> &mut [u8] {
+        &mut self.buffers[self.filled][TUN_OFFSET..]
+    }
+
+    /// Keeps the `length` bytes just decrypted into the next slot.
+    async fn commit(&mut self, length: usize, tun: &AsyncDevice) {
+        self.buffers[self.filled].truncate(TUN_OFFSET + length);
+        self.filled += 1;
+        if self.filled == self.buffers.len() {
+            self.flush(tun).await;
+        }
+    }
+
+    async fn flush(&mut self, tun: &AsyncDevice) {
+        if self.filled == 0 {
+            return;
+        }
+        let written = tun
+            .send_multiple(&mut self.gro, &mut self.buffers[..self.filled], TUN_OFFSET)
+            .await;
+        if let Err(error) = written {
+            tracing::debug!(%error, "cannot write to the TUN device");
+        }
+        for buffer in &mut self.buffers[..self.filled] {
+            buffer.resize(TUN_OFFSET + SEGMENT_BUFFER, 0);
+        }
+        self.filled = 0;
     }
 }
 
 /// The data path: a TUN device, a UDP socket and the command channel.
 pub struct Device {
     tun: AsyncDevice,
-    udp: UdpSocket,
+    udp: Udp,
     commands: mpsc::Receiver<DeviceCommand>,
-}
-
-/// The reusable packet buffers of the data path (no per-packet allocation).
-struct Buffers {
-    tun: Vec<u8>,
-    udp: Vec<u8>,
-    out: Vec<u8>,
 }
 
 impl Device {
     /// A device over an already created TUN and bound UDP socket.
-    pub fn new(tun: AsyncDevice, udp: UdpSocket, commands: mpsc::Receiver<DeviceCommand>) -> Self {
-        Self { tun, udp, commands }
+    pub fn new(
+        tun: AsyncDevice,
+        udp: UdpSocket,
+        commands: mpsc::Receiver<DeviceCommand>,
+    ) -> Result<Self, DeviceError> {
+        Ok(Self {
+            tun,
+            udp: Udp::new(udp)?,
+            commands,
+        })
     }
 
     /// Moves packets and applies commands until `shutdown` is cancelled or the
@@ -400,47 +587,68 @@ impl Device {
         } = self;
         let mut state = State {
             private_key: None,
-            listen_port: udp.local_addr().map_or(0, |address| address.port()),
+            listen_port: udp.socket.local_addr().map_or(0, |address| address.port()),
             fwmark: None,
             peers: HashMap::new(),
             by_index: HashMap::new(),
             routes: AllowedIpTable::default(),
             next_index: rand::random::<u32>(),
         };
-        let mut buffers = Buffers {
-            tun: vec![0; MAX_PACKET],
-            udp: vec![0; MAX_PACKET],
-            out: vec![0; OUT_BUFFER],
-        };
+        // Reusable buffers: nothing is allocated per packet.
+        let mut tun_read = vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        let mut segments = vec![vec![0; SEGMENT_BUFFER]; BATCH];
+        let mut sizes = vec![0; BATCH];
+        let mut udp_buffers = vec![vec![0; MAX_PACKET]; UDP_RECV_BUFFERS];
+        let mut udp_meta = vec![RecvMeta::default(); UDP_RECV_BUFFERS];
+        let mut out = vec![0; OUT_BUFFER];
+        let mut gso = GsoBatch::new();
+        let mut to_tun = TunBatch::new();
         let mut timers = tokio::time::interval(TIMER_TICK);
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                read = tun.recv(&mut buffers.tun) => match read {
-                    Ok(length) => {
-                        outbound(&mut state, &buffers.tun[..length], &mut buffers.out, &udp).await;
+                read = tun.recv_multiple(&mut tun_read, &mut segments, &mut sizes, 0) => match read {
+                    Ok(count) => {
+                        for (segment, size) in segments.iter().zip(&sizes).take(count) {
+                            outbound(&mut state, &segment[..*size], &mut out, &mut gso, &udp).await;
+                        }
+                        gso.flush(&udp).await;
                     }
                     Err(error) => {
                         tracing::warn!(%error, "cannot read from the TUN device");
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 },
-                read = udp.recv_from(&mut buffers.udp) => match read {
-                    Ok((length, source)) => {
-                        inbound(
-                            &mut state,
-                            &buffers.udp[..length],
-                            canonical(source),
-                            &mut buffers.out,
-                            &udp,
-                            &tun,
-                        )
-                        .await;
+                ready = udp.socket.readable() => {
+                    if let Err(error) = ready {
+                        tracing::debug!(%error, "the UDP socket is not readable");
+                        continue;
                     }
-                    Err(error) => tracing::debug!(%error, "cannot read from the UDP socket"),
+                    for _ in 0..UDP_READS_PER_WAKE {
+                        let mut slices: Vec<IoSliceMut<'_>> =
+                            udp_buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                        let received = match udp.try_recv(&mut slices, &mut udp_meta) {
+                            Ok(received) => received,
+                            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(error) => {
+                                tracing::debug!(%error, "cannot read from the UDP socket");
+                                break;
+                            }
+                        };
+                        drop(slices);
+                        for (buffer, meta) in udp_buffers.iter().zip(&udp_meta).take(received) {
+                            let stride = meta.stride.max(1);
+                            let source = canonical(meta.addr);
+                            for datagram in buffer[..meta.len].chunks(stride) {
+                                inbound(&mut state, datagram, source, &mut out, &udp, &mut to_tun, &tun)
+                                    .await;
+                            }
+                        }
+                    }
+                    to_tun.flush(&tun).await;
                 },
-                _ = timers.tick() => tick(&mut state, &mut buffers.out, &udp).await,
+                _ = timers.tick() => tick(&mut state, &mut out, &udp).await,
                 command = commands.recv() => match command {
                     None => break,
                     Some(DeviceCommand::Get { reply }) => {
@@ -457,9 +665,9 @@ impl Device {
     }
 }
 
-/// Encrypts a packet read from the TUN and sends it to the peer whose allowed
-/// IPs hold its destination.
-async fn outbound(state: &mut State, packet: &[u8], out: &mut [u8], udp: &UdpSocket) {
+/// Encrypts a packet read from the TUN and queues it for the peer whose
+/// allowed IPs hold its destination.
+async fn outbound(state: &mut State, packet: &[u8], out: &mut [u8], gso: &mut GsoBatch, udp: &Udp) {
     let Some(destination) = Tunn::dst_address(packet) else {
         return;
     };
@@ -475,7 +683,7 @@ async fn outbound(state: &mut State, packet: &[u8], out: &mut [u8], udp: &UdpSoc
     match tunnel.encapsulate(packet, out) {
         TunnResult::WriteToNetwork(datagram) => {
             if let Some(endpoint) = peer.endpoint {
-                send_to(udp, datagram, endpoint).await;
+                gso.push(udp, datagram, endpoint).await;
             }
         }
         TunnResult::Err(error) => tracing::debug!(?error, "cannot encapsulate a packet"),
@@ -484,13 +692,14 @@ async fn outbound(state: &mut State, packet: &[u8], out: &mut [u8], udp: &UdpSoc
 }
 
 /// Handles a datagram from the network: handshake replies go back to the
-/// sender, decrypted packets go to the TUN if the sender may use the source.
+/// sender, decrypted packets join the TUN batch if the sender may use the source.
 async fn inbound(
     state: &mut State,
     datagram: &[u8],
     source: SocketAddr,
     out: &mut [u8],
-    udp: &UdpSocket,
+    udp: &Udp,
+    to_tun: &mut TunBatch,
     tun: &AsyncDevice,
 ) {
     let Some(key) = state.peer_for_datagram(datagram) else {
@@ -502,40 +711,39 @@ async fn inbound(
     let Some(tunnel) = peer.tunnel.as_mut() else {
         return;
     };
-    let (packet, address) = match tunnel.decapsulate(Some(source.ip()), datagram, out) {
-        TunnResult::Done => {
-            peer.endpoint = Some(source);
-            return;
-        }
-        TunnResult::Err(error) => {
-            tracing::debug!(?error, %source, "dropping a datagram");
-            return;
-        }
-        TunnResult::WriteToNetwork(reply) => {
-            peer.endpoint = Some(source);
-            send_to(udp, reply, source).await;
-            // Packets queued while the handshake was pending go out now.
-            while let TunnResult::WriteToNetwork(queued) = tunnel.decapsulate(None, &[], out) {
-                send_to(udp, queued, source).await;
+    let (length, address) =
+        match tunnel.decapsulate(Some(source.ip()), datagram, to_tun.next_slot()) {
+            TunnResult::Done => {
+                peer.endpoint = Some(source);
+                return;
             }
-            return;
-        }
-        TunnResult::WriteToTunnelV4(packet, address) => (packet, IpAddr::V4(address)),
-        TunnResult::WriteToTunnelV6(packet, address) => (packet, IpAddr::V6(address)),
-    };
+            TunnResult::Err(error) => {
+                tracing::debug!(?error, %source, "dropping a datagram");
+                return;
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                peer.endpoint = Some(source);
+                udp.send(reply, source, None).await;
+                // Packets queued while the handshake was pending go out now.
+                while let TunnResult::WriteToNetwork(queued) = tunnel.decapsulate(None, &[], out) {
+                    udp.send(queued, source, None).await;
+                }
+                return;
+            }
+            TunnResult::WriteToTunnelV4(packet, address) => (packet.len(), IpAddr::V4(address)),
+            TunnResult::WriteToTunnelV6(packet, address) => (packet.len(), IpAddr::V6(address)),
+        };
     peer.endpoint = Some(source);
     // Cryptokey routing: the inner source must be one of the peer's allowed IPs.
     if state.routes.lookup(address) != Some(&key) {
         tracing::debug!(%address, "dropping a packet from a source the peer may not use");
         return;
     }
-    if let Err(error) = tun.send(packet).await {
-        tracing::debug!(%error, "cannot write to the TUN device");
-    }
+    to_tun.commit(length, tun).await;
 }
 
 /// Runs every peer's protocol timers: handshake retries, rekeys, keepalives.
-async fn tick(state: &mut State, out: &mut [u8], udp: &UdpSocket) {
+async fn tick(state: &mut State, out: &mut [u8], udp: &Udp) {
     for peer in state.peers.values_mut() {
         let Some(tunnel) = peer.tunnel.as_mut() else {
             continue;
@@ -543,7 +751,7 @@ async fn tick(state: &mut State, out: &mut [u8], udp: &UdpSocket) {
         match tunnel.update_timers(out) {
             TunnResult::WriteToNetwork(datagram) => {
                 if let Some(endpoint) = peer.endpoint {
-                    send_to(udp, datagram, endpoint).await;
+                    udp.send(datagram, endpoint, None).await;
                 }
             }
             TunnResult::Err(WireGuardError::ConnectionExpired) => {}
