@@ -55,6 +55,11 @@ impl MeshRuntime {
         self.spec.subnet.machine_address()
     }
 
+    /// The network's overlay prefix.
+    pub fn prefix(&self) -> crate::mesh::addressing::OverlayPrefix {
+        self.spec.prefix
+    }
+
     /// This machine's /64 of the overlay.
     pub fn subnet(&self) -> crate::mesh::addressing::Subnet {
         self.spec.subnet

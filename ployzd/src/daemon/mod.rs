@@ -649,6 +649,27 @@ impl peer::LocalEngine for PeerEngine {
             .map(|daemon| routing::container_dns(&daemon.config))
             .unwrap_or_default()
     }
+
+    /// Another machine's overlay address (`<subnet>::1` of the network's
+    /// prefix), and not this machine's: containers, whose addresses are in
+    /// `<subnet>:1::/80`, and local processes are refused. The overlay's
+    /// cryptokey routing makes the source address trustworthy: a peer can
+    /// only send from its own subnet, and a spoofed source never sees the
+    /// answer it would need to complete a TCP handshake.
+    async fn admits(&self, source: Option<SocketAddr>) -> bool {
+        let Some(daemon) = self.daemon.upgrade() else {
+            return false;
+        };
+        let Some(mesh) = daemon.mesh_runtime.lock().await.clone() else {
+            return false;
+        };
+        match source.map(|source| source.ip()) {
+            Some(std::net::IpAddr::V6(address)) => {
+                mesh.prefix().is_machine_address(address) && address != mesh.overlay_address()
+            }
+            Some(std::net::IpAddr::V4(_)) | None => false,
+        }
+    }
 }
 
 fn hostname() -> String {

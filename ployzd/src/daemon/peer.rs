@@ -210,6 +210,10 @@ pub trait LocalEngine: Send + Sync + 'static {
     /// The DNS servers containers created here use: this machine's ployz-dns,
     /// whatever the calling machine's would have been.
     fn container_dns(&self) -> Vec<IpAddr>;
+
+    /// Whether a connection from `source` may drive this engine: only other
+    /// member machines may, never a container or a local process.
+    fn admits(&self, source: Option<SocketAddr>) -> impl Future<Output = bool> + Send;
 }
 
 /// The serving side of the peer API.
@@ -233,8 +237,20 @@ impl<E: LocalEngine> PloyzPeer for PeerService<E> {
         &self,
         request: tonic::Request<PeerRuntimeRequest>,
     ) -> Result<tonic::Response<PeerRuntimeResponse>, tonic::Status> {
-        let request = request.into_inner();
         let refuse = |class, code: &str, message: String| ApiError::new(class, code, message);
+        let source = request.remote_addr();
+        if !self.engine.admits(source).await {
+            return Err(refuse(
+                ErrorClass::PreconditionFailed,
+                "not_a_peer",
+                format!(
+                    "{} is not another member machine's overlay address",
+                    source.map_or_else(|| "an unknown source".to_owned(), |s| s.ip().to_string())
+                ),
+            )
+            .into_status());
+        }
+        let request = request.into_inner();
         let me = self.engine.machine_id().await.ok_or_else(|| {
             refuse(
                 ErrorClass::PreconditionFailed,
@@ -559,6 +575,7 @@ mod tests {
 
     struct Engine {
         runtime: MemoryRuntime,
+        refuse_everyone: bool,
     }
 
     impl LocalEngine for Engine {
@@ -575,13 +592,22 @@ mod tests {
         fn container_dns(&self) -> Vec<IpAddr> {
             vec!["10.9.9.9".parse().expect("an address")]
         }
+
+        async fn admits(&self, source: Option<SocketAddr>) -> bool {
+            source.is_some_and(|source| source.ip().is_loopback()) && !self.refuse_everyone
+        }
     }
 
     async fn peer() -> (MemoryRuntime, SocketAddr, CancellationToken) {
+        serve_engine(false).await
+    }
+
+    async fn serve_engine(refuse_everyone: bool) -> (MemoryRuntime, SocketAddr, CancellationToken) {
         let runtime = MemoryRuntime::new();
         runtime.add_image("web:1");
         let engine = Arc::new(Engine {
             runtime: runtime.clone(),
+            refuse_everyone,
         });
         let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
         let address = probe.local_addr().expect("an address");
@@ -671,6 +697,17 @@ mod tests {
         let stale = PeerRuntime::new("m-other".to_owned(), address);
         let error = stale.create(&spec("web-0")).await.expect_err("refused");
         assert!(error.to_string().contains("wrong_machine"), "{error}");
+        let all = engine.list(&BTreeMap::new()).await.expect("listed");
+        assert!(all.is_empty(), "nothing was created: {all:?}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_source_that_is_not_a_member_machine_is_refused() {
+        let (engine, address, shutdown) = serve_engine(true).await;
+        let remote = PeerRuntime::new("m-peer".to_owned(), address);
+        let error = remote.create(&spec("web-0")).await.expect_err("refused");
+        assert!(error.to_string().contains("not_a_peer"), "{error}");
         let all = engine.list(&BTreeMap::new()).await.expect("listed");
         assert!(all.is_empty(), "nothing was created: {all:?}");
         shutdown.cancel();

@@ -52,6 +52,16 @@ impl OverlayPrefix {
         address.octets()[..6] == self.base.octets()[..6]
     }
 
+    /// Whether `address` is a machine's own overlay address (`<subnet>::1`
+    /// of some subnet of this prefix), as opposed to a container's.
+    pub fn is_machine_address(self, address: Ipv6Addr) -> bool {
+        let octets = address.octets();
+        self.contains(address)
+            && octets[6..8] != [0, 0]
+            && octets[8..15].iter().all(|octet| *octet == 0)
+            && octets[15] == 1
+    }
+
     pub fn base(self) -> Ipv6Addr {
         self.base
     }
@@ -372,6 +382,17 @@ mod tests {
         assert!(subnet.contains(subnet.machine_address()));
         assert!(prefix().contains(subnet.machine_address()));
         assert!(SubnetIndex::new(0).is_err());
+    }
+
+    #[test]
+    fn machine_addresses_are_told_from_container_addresses() {
+        let subnet = prefix().subnet(SubnetIndex::new(7).expect("index"));
+        assert!(prefix().is_machine_address(subnet.machine_address()));
+        assert!(!prefix().is_machine_address(subnet.containers().gateway()));
+        let container: Ipv6Addr = "fd12:3456:789a:7:1::2".parse().expect("addr");
+        assert!(!prefix().is_machine_address(container));
+        let elsewhere: Ipv6Addr = "fd12:3456:789b:7::1".parse().expect("addr");
+        assert!(!prefix().is_machine_address(elsewhere));
     }
 
     #[test]
