@@ -2,8 +2,10 @@
 //! `services::sidecar`: finds the binary, renders `nats.conf` and probes readiness
 //! through the INFO line every NATS server sends first. nats-server runs in its
 //! own session so it outlives ployzd: the data plane keeps serving while the
-//! daemon is gone. This module speaks processes, files and TCP only; it must
-//! not depend on async-nats, the store domain or the daemon.
+//! daemon is gone. A server is standalone, a core server of the JetStream
+//! cluster (which may accept other machines' leaf servers), or a leaf server
+//! without JetStream. This module speaks processes, files and TCP only; it
+//! must not depend on async-nats, the store domain or the daemon.
 
 use std::{
     env,
@@ -81,6 +83,14 @@ pub struct NatsSidecarConfig {
     /// JetStream clustering with other machines' servers; `None` runs a
     /// standalone server (a network of one machine).
     pub cluster: Option<NatsClusterConfig>,
+    /// The JetStream domain, the same on every core server; `None` for none.
+    /// A hub needs one: nats-server denies the plain JetStream subjects
+    /// (`$JS.API.>`, `$KV.>`) across every leaf connection, and clients on a
+    /// leaf reach the hub's JetStream only as `$JS.<domain>.API.>`.
+    pub jetstream_domain: Option<String>,
+    /// This server's part in leaf connections: a core server that accepts
+    /// other machines' leaf servers, or a leaf server itself; `None` for neither.
+    pub leafnodes: Option<NatsLeafnodes>,
     /// How long a started or adopted server may take to answer on its client port.
     pub start_timeout: Duration,
     /// How long a stopping server gets between SIGTERM and SIGKILL.
@@ -98,9 +108,25 @@ impl NatsSidecarConfig {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_CLIENT_PORT),
             monitor_port: None,
             cluster: None,
+            jetstream_domain: None,
+            leafnodes: None,
             start_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(10),
         }
+    }
+
+    /// True for a leaf server: it runs no JetStream and keeps no store.
+    pub fn is_leaf(&self) -> bool {
+        matches!(self.leafnodes, Some(NatsLeafnodes::Leaf(_)))
+    }
+
+    /// The `nats.conf` text this config renders to, with `binary` and `dir`
+    /// made absolute as [`NatsSidecar::ensure`] does. A running server takes a
+    /// changed user list by reload (`nats-server --signal reload=<pid>`, or
+    /// SIGHUP) once this text is in its config file; `ensure` would instead
+    /// replace the process, because the text is the sidecar's identity.
+    pub fn render(&self) -> Result<String, SidecarError> {
+        Ok(NatsKind::new(self.clone())?.rendered)
     }
 }
 
@@ -116,6 +142,83 @@ pub struct NatsClusterConfig {
     pub listen: SocketAddr,
     /// Other servers to route to; they tell each other about the rest.
     pub routes: Vec<SocketAddr>,
+}
+
+/// How a server takes part in leaf connections. The first machines of a
+/// network (the core) run JetStream as one cluster; every further machine runs
+/// a leaf server without JetStream that connects to the core servers, and its
+/// ployzd uses that leaf server on loopback like a core server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NatsLeafnodes {
+    /// A core server accepting the leaf servers of other machines.
+    Hub(NatsHubConfig),
+    /// A leaf server: no JetStream and no cluster of its own.
+    Leaf(NatsLeafConfig),
+}
+
+/// A core server's side of leaf connections.
+///
+/// Leaf users are checked against the server's one user list (the
+/// `authorization` block every client is checked against), not a list in the
+/// `leafnodes` block: nats-server 2.15 refuses to reload a change of the
+/// `leafnodes` users ("config reload not supported for LeafNode: field
+/// Users"), while the main list reloads. Since clients are then checked too,
+/// this machine's own clients connect as [`Self::local_user`]. A reload
+/// refuses the removed user's next connection but leaves its live one open;
+/// [`Self::system_user`] may close it (`$SYS.REQ.SERVER.<id>.KICK`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsHubConfig {
+    /// Where other machines' leaf servers connect: this machine's overlay address.
+    pub listen: SocketAddr,
+    /// The user this machine's own clients (its ployzd) connect as.
+    pub local_user: NatsUser,
+    /// A user of the system account (`$SYS`): it lists the leaf connections
+    /// (`$SYS.REQ.SERVER.PING.LEAFZ`) and closes a revoked machine's one.
+    pub system_user: NatsUser,
+    /// One user per leaf machine, issued when the machine joins. Removing one
+    /// and reloading refuses that machine's leaf server from then on.
+    pub leaf_users: Vec<NatsUser>,
+}
+
+/// A leaf server's connection to the core servers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsLeafConfig {
+    /// The core servers' leaf listen addresses. The leaf server keeps one
+    /// connection, to any of them, and tries the next one every second while
+    /// it has none.
+    pub hubs: Vec<SocketAddr>,
+    /// This machine's own user at the core servers.
+    pub user: NatsUser,
+}
+
+/// A user name and password nats-server checks. Both are rendered as they
+/// are, in the config file and in a leaf server's remote URLs, so they are
+/// limited to URL-safe characters: ASCII letters, digits, `-`, `.`, `_`, `~`.
+/// `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsUser {
+    /// The user name, unique on a server.
+    pub name: String,
+    /// The password, kept in plain text in the rendered config file.
+    pub password: String,
+}
+
+impl NatsUser {
+    /// A user called `name` with `password`.
+    pub fn new(name: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            password: password.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for NatsUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsUser")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Finds the nats-server executable: `configured` if given (it must be an
@@ -247,7 +350,9 @@ impl SidecarKind for NatsKind {
     }
 
     fn prepare_start(&self) -> Result<(), SidecarError> {
-        create_dir(&self.files.store)?;
+        if !self.config.is_leaf() {
+            create_dir(&self.files.store)?;
+        }
         ensure_port_free(self.config.listen)?;
         if let Some(monitor) = self.monitor_addr() {
             ensure_port_free(monitor)?;
@@ -255,6 +360,9 @@ impl SidecarKind for NatsKind {
         if let Some(cluster) = &self.config.cluster {
             // Also fails early when the overlay address is not on this machine.
             ensure_port_free(cluster.listen)?;
+        }
+        if let Some(NatsLeafnodes::Hub(hub)) = &self.config.leafnodes {
+            ensure_port_free(hub.listen)?;
         }
         Ok(())
     }
@@ -312,6 +420,11 @@ fn render(config: &NatsSidecarConfig, files: &NatsFiles) -> Result<String, Sidec
     text.push_str(&format!("log_file: {}\n", quoted_path("dir", &files.log)?));
     text.push_str("logfile_size_limit: 64MB\n");
     text.push_str("logfile_max_num: 4\n");
+    check_roles(config)?;
+    if let Some(NatsLeafnodes::Leaf(leaf)) = &config.leafnodes {
+        render_leaf(&mut text, leaf)?;
+        return Ok(text);
+    }
     text.push_str(
         "\n# JetStream fsyncs every write before acknowledging it. The NATS default\n\
          # syncs every two minutes, so acknowledged writes can be lost on power loss.\n\
@@ -324,11 +437,218 @@ fn render(config: &NatsSidecarConfig, files: &NatsFiles) -> Result<String, Sidec
         quoted_path("dir", &files.store)?
     ));
     text.push_str("  sync_interval: always\n");
+    if let Some(domain) = &config.jetstream_domain {
+        text.push_str(concat!(
+            "  # Leaf servers' clients address this JetStream as $JS.<domain>.API:\n",
+            "  # the plain $JS.API and $KV subjects never cross a leaf connection.\n",
+        ));
+        text.push_str(&format!(
+            "  domain: {}\n",
+            quoted("jetstream_domain", domain)?
+        ));
+    }
     text.push_str("}\n");
     if let Some(cluster) = &config.cluster {
         render_cluster(&mut text, cluster)?;
     }
+    if let Some(NatsLeafnodes::Hub(hub)) = &config.leafnodes {
+        render_hub(&mut text, hub)?;
+    }
     Ok(text)
+}
+
+/// Refuses combinations nats-server would reject or that cannot serve the
+/// store: a leaf with JetStream settings or routes, a hub without a domain.
+fn check_roles(config: &NatsSidecarConfig) -> Result<(), SidecarError> {
+    if let Some(domain) = &config.jetstream_domain
+        && !is_name(domain)
+    {
+        return Err(SidecarError::InvalidConfig {
+            field: "jetstream_domain",
+            reason: format!("`{domain}` must be non-empty ASCII letters, digits, `-` and `_`"),
+        });
+    }
+    match &config.leafnodes {
+        Some(NatsLeafnodes::Leaf(_)) if config.cluster.is_some() => {
+            Err(SidecarError::InvalidConfig {
+                field: "cluster",
+                reason: "a leaf server joins no cluster: it reaches the core servers as a leaf"
+                    .to_owned(),
+            })
+        }
+        Some(NatsLeafnodes::Leaf(_)) if config.jetstream_domain.is_some() => {
+            Err(SidecarError::InvalidConfig {
+                field: "jetstream_domain",
+                reason: "a leaf server runs no JetStream; its clients name the core's domain"
+                    .to_owned(),
+            })
+        }
+        Some(NatsLeafnodes::Hub(_)) if config.jetstream_domain.is_none() => {
+            Err(SidecarError::InvalidConfig {
+                field: "jetstream_domain",
+                reason: "a hub needs one: leaf servers' clients reach JetStream only through it"
+                    .to_owned(),
+            })
+        }
+        Some(NatsLeafnodes::Hub(_) | NatsLeafnodes::Leaf(_)) | None => Ok(()),
+    }
+}
+
+/// True for a non-empty name of ASCII letters, digits, `-` and `_`: what a
+/// JetStream domain may be and what needs no quoting in a subject.
+fn is_name(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Checks a user's name and password: non-empty and URL-safe, because a
+/// leaf server sends them inside its remote URLs.
+fn check_user(field: &'static str, user: &NatsUser) -> Result<(), SidecarError> {
+    let url_safe = |value: &str| {
+        !value.is_empty()
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~'))
+    };
+    if !url_safe(&user.name) {
+        return Err(SidecarError::InvalidConfig {
+            field,
+            reason: format!(
+                "user name `{}` must be non-empty ASCII letters, digits, `-`, `.`, `_`, `~`",
+                user.name
+            ),
+        });
+    }
+    if !url_safe(&user.password) {
+        return Err(SidecarError::InvalidConfig {
+            field,
+            reason: format!(
+                "the password of `{}` must be non-empty ASCII letters, digits, `-`, `.`, `_`, `~`",
+                user.name
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn render_user(user: &NatsUser) -> String {
+    // Both are checked URL-safe, so quoting them needs no escapes.
+    format!(
+        "{{ user: \"{}\", password: \"{}\" }}",
+        user.name, user.password
+    )
+}
+
+/// Appends a core server's user lists and its `leafnodes` listener. Leaf
+/// users are sorted by name, so the same set always renders the same text.
+fn render_hub(text: &mut String, hub: &NatsHubConfig) -> Result<(), SidecarError> {
+    if hub.listen.port() == 0 {
+        return Err(SidecarError::InvalidConfig {
+            field: "leafnodes.listen",
+            reason: "needs a fixed port: other machines' leaf servers connect to it".to_owned(),
+        });
+    }
+    check_user("leafnodes.local_user", &hub.local_user)?;
+    check_user("leafnodes.system_user", &hub.system_user)?;
+    let mut leaf_users: Vec<&NatsUser> = hub.leaf_users.iter().collect();
+    leaf_users.sort_by(|a, b| a.name.cmp(&b.name));
+    for user in &leaf_users {
+        check_user("leafnodes.leaf_users", user)?;
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for user in [&hub.local_user, &hub.system_user]
+        .into_iter()
+        .chain(leaf_users.iter().copied())
+    {
+        if !names.insert(user.name.as_str()) {
+            // nats-server refuses a config naming a user twice.
+            return Err(SidecarError::InvalidConfig {
+                field: "leafnodes.leaf_users",
+                reason: format!("user `{}` is named twice", user.name),
+            });
+        }
+    }
+    text.push_str(concat!(
+        "\n# The system account's user lists and closes leaf connections: a reload\n",
+        "# refuses a removed user's next connection but leaves its live one open.\n",
+        "accounts {\n",
+        "  \"$SYS\": {\n",
+        "    users = [\n",
+    ));
+    text.push_str(&format!("      {}\n", render_user(&hub.system_user)));
+    text.push_str("    ]\n  }\n}\n");
+    text.push_str(concat!(
+        "\n# One list for clients and leaf servers: nats-server reloads a change of\n",
+        "# this list, not of a list in the leafnodes block. Users bind to the global\n",
+        "# account, where the store lives. Never no_auth_user, which would also admit a\n",
+        "# leaf server that brings no credentials.\n",
+        "authorization {\n",
+        "  users = [\n",
+        "    # This machine's own clients.\n",
+    ));
+    text.push_str(&format!("    {}\n", render_user(&hub.local_user)));
+    if !leaf_users.is_empty() {
+        text.push_str("    # The leaf servers of other machines, one user each.\n");
+    }
+    for user in leaf_users {
+        text.push_str(&format!("    {}\n", render_user(user)));
+    }
+    text.push_str("  ]\n}\n");
+    text.push_str(concat!(
+        "\n# Leaf servers of the machines beyond the core connect here, over the\n",
+        "# overlay. Not advertised: each leaf knows every core server already.\n",
+        "leafnodes {\n",
+    ));
+    text.push_str(&format!(
+        "  listen: {}\n",
+        quoted("leafnodes.listen", &hub.listen.to_string())?
+    ));
+    text.push_str("  no_advertise: true\n");
+    text.push_str("}\n");
+    Ok(())
+}
+
+/// Appends a leaf server's `leafnodes` block: one remote listing every core
+/// server, with this machine's credentials in each URL. Sorted and
+/// deduplicated, like routes.
+fn render_leaf(text: &mut String, leaf: &NatsLeafConfig) -> Result<(), SidecarError> {
+    check_user("leafnodes.user", &leaf.user)?;
+    let mut hubs = leaf.hubs.clone();
+    hubs.sort();
+    hubs.dedup();
+    if hubs.is_empty() {
+        return Err(SidecarError::InvalidConfig {
+            field: "leafnodes.hubs",
+            reason: "a leaf server needs at least one core server to connect to".to_owned(),
+        });
+    }
+    if let Some(hub) = hubs.iter().find(|hub| hub.port() == 0) {
+        return Err(SidecarError::InvalidConfig {
+            field: "leafnodes.hubs",
+            reason: format!("`{hub}` needs a fixed port"),
+        });
+    }
+    text.push_str(concat!(
+        "\n# A leaf of the core servers: no JetStream here. Clients of this server\n",
+        "# reach the core's JetStream through its domain ($JS.<domain>.API). One\n",
+        "# connection at a time, to any core server; while there is none, the next\n",
+        "# URL is tried every second.\n",
+        "leafnodes {\n",
+        "  remotes = [\n",
+        "    {\n",
+        "      urls: [\n",
+    ));
+    for hub in hubs {
+        let url = format!(
+            "nats-leaf://{}:{}@{hub}",
+            leaf.user.name, leaf.user.password
+        );
+        text.push_str(&format!("        {}\n", quoted("leafnodes.hubs", &url)?));
+    }
+    text.push_str("      ]\n    }\n  ]\n}\n");
+    Ok(())
 }
 
 /// Appends the `cluster` block. Routes are sorted and deduplicated and the
@@ -661,6 +981,36 @@ mod tests {
                 }),
                 ..config()
             },
+            NatsSidecarConfig {
+                jetstream_domain: Some("ployz".into()),
+                ..config()
+            },
+            hub_config(),
+            NatsSidecarConfig {
+                leafnodes: Some(NatsLeafnodes::Hub(NatsHubConfig {
+                    leaf_users: vec![NatsUser::new("m-4", "pw-4")],
+                    ..hub()
+                })),
+                ..hub_config()
+            },
+            NatsSidecarConfig {
+                leafnodes: Some(NatsLeafnodes::Hub(NatsHubConfig {
+                    leaf_users: vec![
+                        NatsUser::new("m-4", "pw-4-new"),
+                        NatsUser::new("m-5", "pw-5"),
+                    ],
+                    ..hub()
+                })),
+                ..hub_config()
+            },
+            leaf_config(),
+            NatsSidecarConfig {
+                leafnodes: Some(NatsLeafnodes::Leaf(NatsLeafConfig {
+                    user: NatsUser::new("m-4", "another-password"),
+                    ..leaf()
+                })),
+                ..config()
+            },
         ];
         let mut hashes = vec![base.clone()];
         for changed in changes {
@@ -831,6 +1181,299 @@ mod tests {
             };
             assert_eq!(field, expected_field);
         }
+    }
+
+    fn hub() -> NatsHubConfig {
+        NatsHubConfig {
+            listen: "[fd00:0:0:1::1]:7422".parse().expect("listen"),
+            local_user: NatsUser::new("ployzd", "local-pw"),
+            system_user: NatsUser::new("system", "system-pw"),
+            leaf_users: vec![NatsUser::new("m-5", "pw-5"), NatsUser::new("m-4", "pw-4")],
+        }
+    }
+
+    fn hub_config() -> NatsSidecarConfig {
+        NatsSidecarConfig {
+            cluster: Some(cluster()),
+            jetstream_domain: Some("ployz".into()),
+            leafnodes: Some(NatsLeafnodes::Hub(hub())),
+            ..config()
+        }
+    }
+
+    fn leaf() -> NatsLeafConfig {
+        NatsLeafConfig {
+            hubs: vec![
+                "[fd00:0:0:3::1]:7422".parse().expect("hub"),
+                "[fd00:0:0:1::1]:7422".parse().expect("hub"),
+                "[fd00:0:0:2::1]:7422".parse().expect("hub"),
+                "[fd00:0:0:1::1]:7422".parse().expect("hub"),
+            ],
+            user: NatsUser::new("m-4", "pw-4"),
+        }
+    }
+
+    fn leaf_config() -> NatsSidecarConfig {
+        NatsSidecarConfig {
+            leafnodes: Some(NatsLeafnodes::Leaf(leaf())),
+            ..config()
+        }
+    }
+
+    #[test]
+    fn a_hub_renders_its_domain_users_and_leaf_listener() {
+        let rendered = NatsKind::new(hub_config()).expect("valid").rendered;
+        assert!(
+            rendered.contains("  sync_interval: always\n  # Leaf servers' clients"),
+            "{rendered}"
+        );
+        assert!(rendered.contains("  domain: \"ployz\"\n}\n"), "{rendered}");
+        assert!(
+            rendered.contains(
+                "accounts {\n\
+                 \x20 \"$SYS\": {\n\
+                 \x20   users = [\n\
+                 \x20     { user: \"system\", password: \"system-pw\" }\n\
+                 \x20   ]\n\
+                 \x20 }\n\
+                 }\n"
+            ),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains(
+                "  users = [\n\
+                 \x20   # This machine's own clients.\n\
+                 \x20   { user: \"ployzd\", password: \"local-pw\" }\n\
+                 \x20   # The leaf servers of other machines, one user each.\n\
+                 \x20   { user: \"m-4\", password: \"pw-4\" }\n\
+                 \x20   { user: \"m-5\", password: \"pw-5\" }\n\
+                 \x20 ]\n"
+            ),
+            "leaf users sorted by name: {rendered}"
+        );
+        assert!(
+            rendered.ends_with(
+                "leafnodes {\n\
+                 \x20 listen: \"[fd00:0:0:1::1]:7422\"\n\
+                 \x20 no_advertise: true\n\
+                 }\n"
+            ),
+            "{rendered}"
+        );
+        assert!(!rendered.contains("\nno_auth_user"), "{rendered}");
+        // The order users are given in makes no other server.
+        let mut reordered = hub();
+        reordered.leaf_users.reverse();
+        assert_eq!(
+            hash_of(NatsSidecarConfig {
+                leafnodes: Some(NatsLeafnodes::Hub(reordered)),
+                ..hub_config()
+            }),
+            hash_of(hub_config())
+        );
+    }
+
+    #[test]
+    fn a_hub_without_leaf_users_still_requires_a_user() {
+        let rendered = NatsKind::new(NatsSidecarConfig {
+            leafnodes: Some(NatsLeafnodes::Hub(NatsHubConfig {
+                leaf_users: vec![],
+                ..hub()
+            })),
+            ..hub_config()
+        })
+        .expect("valid")
+        .rendered;
+        // Without any user nats-server would admit any leaf server.
+        assert!(
+            rendered.contains("{ user: \"ployzd\", password: \"local-pw\" }\n  ]\n"),
+            "{rendered}"
+        );
+        assert!(!rendered.contains("leaf servers of other"), "{rendered}");
+    }
+
+    #[test]
+    fn a_leaf_renders_its_remotes_with_its_credentials_and_no_jetstream() {
+        let spec = NatsKind::new(leaf_config()).expect("valid");
+        let rendered = &spec.rendered;
+        assert!(!rendered.contains("jetstream"), "{rendered}");
+        assert!(!rendered.contains("store_dir"), "{rendered}");
+        assert!(!rendered.contains("cluster"), "{rendered}");
+        assert!(
+            rendered.ends_with(
+                "leafnodes {\n\
+                 \x20 remotes = [\n\
+                 \x20   {\n\
+                 \x20     urls: [\n\
+                 \x20       \"nats-leaf://m-4:pw-4@[fd00:0:0:1::1]:7422\"\n\
+                 \x20       \"nats-leaf://m-4:pw-4@[fd00:0:0:2::1]:7422\"\n\
+                 \x20       \"nats-leaf://m-4:pw-4@[fd00:0:0:3::1]:7422\"\n\
+                 \x20     ]\n\
+                 \x20   }\n\
+                 \x20 ]\n\
+                 }\n"
+            ),
+            "hubs sorted and deduplicated: {rendered}"
+        );
+        assert!(rendered.contains("server_name: \"node-1\"\n"), "{rendered}");
+        assert_eq!(spec.client_url(), "nats://127.0.0.1:4222");
+        assert!(spec.config.is_leaf());
+        let ipv4 = NatsKind::new(NatsSidecarConfig {
+            leafnodes: Some(NatsLeafnodes::Leaf(NatsLeafConfig {
+                hubs: vec!["10.0.0.1:7422".parse().expect("hub")],
+                ..leaf()
+            })),
+            ..config()
+        })
+        .expect("valid")
+        .rendered;
+        assert!(
+            ipv4.contains("\"nats-leaf://m-4:pw-4@10.0.0.1:7422\"\n"),
+            "{ipv4}"
+        );
+    }
+
+    #[test]
+    fn a_users_password_stays_out_of_debug_output() {
+        let debug = format!("{:?}", hub_config());
+        assert!(debug.contains("m-4"), "{debug}");
+        assert!(!debug.contains("pw-4"), "{debug}");
+        assert!(!debug.contains("local-pw"), "{debug}");
+    }
+
+    #[test]
+    fn invalid_leaf_configs_are_refused_with_the_field() {
+        let with_hub = |hub: NatsHubConfig| NatsSidecarConfig {
+            leafnodes: Some(NatsLeafnodes::Hub(hub)),
+            ..hub_config()
+        };
+        let with_leaf = |leaf: NatsLeafConfig| NatsSidecarConfig {
+            leafnodes: Some(NatsLeafnodes::Leaf(leaf)),
+            ..config()
+        };
+        let cases = [
+            (
+                NatsSidecarConfig {
+                    jetstream_domain: None,
+                    ..hub_config()
+                },
+                "jetstream_domain",
+            ),
+            (
+                NatsSidecarConfig {
+                    jetstream_domain: Some("ploy.z".into()),
+                    ..config()
+                },
+                "jetstream_domain",
+            ),
+            (
+                NatsSidecarConfig {
+                    jetstream_domain: Some(String::new()),
+                    ..config()
+                },
+                "jetstream_domain",
+            ),
+            (
+                NatsSidecarConfig {
+                    jetstream_domain: Some("ployz".into()),
+                    ..leaf_config()
+                },
+                "jetstream_domain",
+            ),
+            (
+                NatsSidecarConfig {
+                    cluster: Some(cluster()),
+                    ..leaf_config()
+                },
+                "cluster",
+            ),
+            (
+                with_hub(NatsHubConfig {
+                    listen: "[fd00:0:0:1::1]:0".parse().expect("listen"),
+                    ..hub()
+                }),
+                "leafnodes.listen",
+            ),
+            (
+                with_hub(NatsHubConfig {
+                    local_user: NatsUser::new("ployzd", ""),
+                    ..hub()
+                }),
+                "leafnodes.local_user",
+            ),
+            (
+                with_hub(NatsHubConfig {
+                    system_user: NatsUser::new("sys tem", "pw"),
+                    ..hub()
+                }),
+                "leafnodes.system_user",
+            ),
+            (
+                with_hub(NatsHubConfig {
+                    leaf_users: vec![NatsUser::new("m-4", "p@ss")],
+                    ..hub()
+                }),
+                "leafnodes.leaf_users",
+            ),
+            (
+                with_hub(NatsHubConfig {
+                    leaf_users: vec![NatsUser::new("m-4", "a"), NatsUser::new("m-4", "b")],
+                    ..hub()
+                }),
+                "leafnodes.leaf_users",
+            ),
+            (
+                with_hub(NatsHubConfig {
+                    leaf_users: vec![NatsUser::new("ployzd", "other")],
+                    ..hub()
+                }),
+                "leafnodes.leaf_users",
+            ),
+            (
+                with_leaf(NatsLeafConfig {
+                    hubs: vec![],
+                    ..leaf()
+                }),
+                "leafnodes.hubs",
+            ),
+            (
+                with_leaf(NatsLeafConfig {
+                    hubs: vec!["[fd00:0:0:1::1]:0".parse().expect("hub")],
+                    ..leaf()
+                }),
+                "leafnodes.hubs",
+            ),
+            (
+                with_leaf(NatsLeafConfig {
+                    user: NatsUser::new("m:4", "pw"),
+                    ..leaf()
+                }),
+                "leafnodes.user",
+            ),
+            (
+                with_leaf(NatsLeafConfig {
+                    user: NatsUser::new("m-4", "pass/word"),
+                    ..leaf()
+                }),
+                "leafnodes.user",
+            ),
+        ];
+        for (config, expected_field) in cases {
+            let result = NatsKind::new(config);
+            let Err(SidecarError::InvalidConfig { field, .. }) = result else {
+                panic!("expected InvalidConfig for {expected_field}, got {result:?}");
+            };
+            assert_eq!(field, expected_field);
+        }
+    }
+
+    #[test]
+    fn render_gives_the_text_ensure_writes() {
+        assert_eq!(
+            hub_config().render().expect("valid"),
+            NatsKind::new(hub_config()).expect("valid").rendered
+        );
     }
 
     #[test]

@@ -84,11 +84,36 @@ pub struct NatsStoreConfig {
     pub startup_timeout: Duration,
     /// Time allowed for one list or read, which may take several round trips.
     pub scan_timeout: Duration,
+    /// The JetStream domain to address, `None` for the connected server's
+    /// own JetStream. A leaf server without JetStream of its own reaches the
+    /// cluster's only through the cluster's domain: nats-server denies the
+    /// plain `$JS.API.>` and `$KV.>` subjects across every leaf connection.
+    pub jetstream_domain: Option<String>,
+    /// Who to authenticate as; `None` connects anonymously.
+    pub credentials: Option<NatsCredentials>,
+}
+
+/// A NATS user name and password. `Debug` leaves the password out, so
+/// configs can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsCredentials {
+    /// The user name.
+    pub user: String,
+    /// The user's password.
+    pub password: String,
+}
+
+impl fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsCredentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NatsStoreConfig {
     /// The defaults: bucket `ployz`, stream `PLOYZ_EVENTS` on `ployz.events.>`,
-    /// one replica, retries for 10 s.
+    /// one replica, retries for 10 s, the server's own JetStream, no credentials.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -99,6 +124,8 @@ impl NatsStoreConfig {
             connect_timeout: Duration::from_secs(2),
             startup_timeout: Duration::from_secs(10),
             scan_timeout: Duration::from_secs(10),
+            jetstream_domain: None,
+            credentials: None,
         }
     }
 }
@@ -164,7 +191,23 @@ impl NatsStore {
 
     async fn connect_once(config: &NatsStoreConfig) -> Result<Self, StoreError> {
         let events_prefix = KeyPrefix::new(config.events_subject_prefix.clone())?;
-        let client = ConnectOptions::new()
+        if let Some(domain) = &config.jetstream_domain
+            && (domain.is_empty() || domain.contains(['.', '*', '>', ' ']))
+        {
+            // It becomes a subject token: `$JS.<domain>.API`.
+            return Err(StoreError::Backend {
+                context: format!("JetStream domain `{domain}` is not a single subject token"),
+                source: None,
+            });
+        }
+        let options = match &config.credentials {
+            Some(credentials) => ConnectOptions::with_user_and_password(
+                credentials.user.clone(),
+                credentials.password.clone(),
+            ),
+            None => ConnectOptions::new(),
+        };
+        let client = options
             .name("ployzd")
             .connection_timeout(config.connect_timeout)
             .connect(config.url.as_str())
@@ -172,7 +215,10 @@ impl NatsStore {
             .map_err(|source| {
                 store_error(format!("cannot connect to NATS at {}", config.url), source)
             })?;
-        let jetstream = jetstream::new(client.clone());
+        let jetstream = match &config.jetstream_domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain.as_str()),
+            None => jetstream::new(client.clone()),
+        };
         let kv = ensure_bucket(&jetstream, config).await?;
         let events = ensure_events_stream(&jetstream, config, &events_prefix).await?;
         Ok(Self {
@@ -1129,6 +1175,16 @@ mod tests {
         let error = store_error("update", invalid);
         assert!(matches!(error, StoreError::Backend { .. }));
         assert!(!error.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn an_empty_jetstream_domain_is_refused_before_connecting() {
+        let mut config = NatsStoreConfig::new("nats://127.0.0.1:1");
+        config.jetstream_domain = Some(String::new());
+        let error = NatsStore::connect(config)
+            .await
+            .expect_err("an empty domain names no JetStream");
+        assert!(matches!(error, StoreError::Backend { .. }), "{error:?}");
     }
 
     #[tokio::test]
