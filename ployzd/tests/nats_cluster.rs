@@ -53,7 +53,7 @@ use std::{
 };
 
 use ployzd::{
-    services::nats::{NatsClusterConfig, NatsSidecar, NatsSidecarConfig, find_binary},
+    services::nats::{NatsClusterConfig, NatsSidecar, NatsSidecarConfig, NatsUser, find_binary},
     store::{
         Key, RecordStore, StoreError,
         nats::{NatsStore, NatsStoreConfig},
@@ -61,6 +61,9 @@ use ployzd::{
 };
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep};
+
+/// The route credential every server of a test cluster presents and requires.
+const ROUTE_SECRET: &str = "5ec4e7-route-credential";
 
 /// How long a cluster may take to agree on something the test waits for.
 const SETTLE: Duration = Duration::from_secs(30);
@@ -97,6 +100,16 @@ impl Cluster {
 
     /// Server `index` routing to the servers `routes` names.
     fn config(&self, index: usize, routes: &[usize]) -> NatsSidecarConfig {
+        self.config_with_secret(index, routes, ROUTE_SECRET)
+    }
+
+    /// [`Self::config`] presenting and requiring route credential `secret`.
+    fn config_with_secret(
+        &self,
+        index: usize,
+        routes: &[usize],
+        secret: &str,
+    ) -> NatsSidecarConfig {
         let binary = find_binary(None).expect("nats-server is installed (cargo xtask setup)");
         let name = format!("server-{index}");
         let mut config = NatsSidecarConfig::new(binary, self.dir.path().join(&name), name);
@@ -106,6 +119,7 @@ impl Cluster {
             name: "test-cluster".to_owned(),
             listen: self.places[index].route,
             routes: routes.iter().map(|&peer| self.places[peer].route).collect(),
+            authorization: Some(NatsUser::new("ployz-route", secret)),
         });
         config
     }
@@ -327,8 +341,11 @@ async fn servers_route_to_each_other_over_ipv6() {
     let _second = cluster.start(1, &[0]).await;
     let rendered =
         fs::read_to_string(cluster.dir.path().join("server-0/nats.conf")).expect("rendered config");
-    let route = format!("\"nats-route://{}\"", cluster.places[1].route);
-    assert!(route.starts_with("\"nats-route://[::1]:"), "{route}");
+    let route = format!(
+        "\"nats-route://ployz-route:{ROUTE_SECRET}@{}\"",
+        cluster.places[1].route
+    );
+    assert!(route.contains("@[::1]:"), "{route}");
     assert!(rendered.contains(&route), "{rendered}");
     let store = connect(&first, SETTLE)
         .await
@@ -344,4 +361,37 @@ async fn servers_route_to_each_other_over_ipv6() {
         (found.value.as_slice(), found.revision),
         (&b"six"[..], revision)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_the_route_credential_cannot_join() {
+    let cluster = Cluster::new();
+    let first = cluster.start(0, &[1]).await;
+    let _second = cluster.start(1, &[0]).await;
+    let store = connect(&first, SETTLE).await.expect("store");
+    wait_for_peers(&store, 2).await;
+    // A server that reaches the route port (as a workload container on the
+    // overlay could) but presents another credential is refused.
+    let intruder = NatsSidecar::ensure(cluster.config_with_secret(2, &[0, 1], "wrong-credential"))
+        .await
+        .expect("the intruder's nats-server starts");
+    let log = cluster.dir.path().join("server-0/nats.log");
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("Authentication Failure") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server 0 never refused the intruder's route:\n{text}"
+        );
+        sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        store.cluster_peers().await.expect("peers"),
+        2,
+        "the intruder joined the cluster"
+    );
+    drop(intruder);
 }

@@ -115,6 +115,7 @@ impl Network {
             name: "test-cluster".to_owned(),
             listen: self.core[index].route,
             routes: self.core.iter().map(|place| place.route).collect(),
+            authorization: Some(NatsUser::new("ployz-route", "route-credential-1234")),
         });
         config.jetstream_domain = Some(DOMAIN.to_owned());
         config.leafnodes = Some(NatsLeafnodes::Hub(NatsHubConfig {

@@ -476,6 +476,18 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         }
     }
 
+    // NATS routes authenticate with the network's route credential: every
+    // server presents it on its routes and requires it on its route port.
+    for host in [one, two, three] {
+        let config = std::fs::read_to_string(host.ployz_dir().join("data/nats/nats.conf"))
+            .expect("the rendered NATS config");
+        assert!(
+            config.contains("nats-route://ployz-route:") && config.contains("authorization {"),
+            "{} routes without the credential:\n{config}",
+            host.name()
+        );
+    }
+
     // `machine ls` on each shows all three active and reachable.
     for (host, _) in &addresses {
         let listed = ployzctl_json(host, &["machine", "ls"]);

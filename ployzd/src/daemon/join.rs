@@ -65,6 +65,10 @@ pub struct JoinTicket {
     pub peers: Vec<KnownPeer>,
     /// NATS cluster addresses of the members, for the new server's routes.
     pub routes: Vec<SocketAddr>,
+    /// The network's route credential, which the new server presents and
+    /// requires; it travels only in the ticket, over SSH.
+    #[serde(default)]
+    pub route_secret: Option<String>,
 }
 
 /// A machine about to join: the id it announced, kept so a retry reuses it.
@@ -256,6 +260,7 @@ impl Daemon {
                         prefix: ticket.prefix,
                         subnet: ticket.subnet,
                         routes: ticket.routes.clone(),
+                        route_secret: ticket.route_secret.clone(),
                     }),
                 };
                 identity
@@ -318,13 +323,24 @@ impl Daemon {
             "hostname": hostname,
             "local_endpoint_ip": local_endpoint_ip,
         });
+        // The operation record keeps the ticket without the route secret
+        // (anyone who lists operations reads records); the answer has it.
+        let route_secret = runtime
+            .identity
+            .mesh
+            .as_ref()
+            .and_then(|mesh| mesh.route_secret.as_deref());
         let run = match runtime
             .journal
             .begin(&operation, "machine_admit", &request)
             .await
             .map_err(journal_error)?
         {
-            Begin::Replay(record) => return replay(record),
+            Begin::Replay(record) => {
+                let mut finished: Finished<Admitted> = replay(record)?;
+                finished.result.ticket = with_route_secret(&finished.result.ticket, route_secret)?;
+                return Ok(finished);
+            }
             Begin::Run(run) => run,
         };
         let admitted = self
@@ -335,8 +351,12 @@ impl Daemon {
                 hostname,
                 local_endpoint_ip,
             )
-            .await;
-        finish(run, "admit", admitted, |admitted| {
+            .await
+            .and_then(|mut admitted| {
+                admitted.ticket = with_route_secret(&admitted.ticket, None)?;
+                Ok(admitted)
+            });
+        let mut finished = finish(run, "admit", admitted, |admitted| {
             format!(
                 "machine {} {}: subnet {}",
                 admitted.machine.id,
@@ -349,7 +369,9 @@ impl Daemon {
                     .unwrap_or_default()
             )
         })
-        .await
+        .await?;
+        finished.result.ticket = with_route_secret(&finished.result.ticket, route_secret)?;
+        Ok(finished)
     }
 
     async fn admit(
@@ -488,6 +510,11 @@ impl Daemon {
                     )
                 })
                 .collect(),
+            route_secret: runtime
+                .identity
+                .mesh
+                .as_ref()
+                .and_then(|mesh| mesh.route_secret.clone()),
         };
         let ticket = serde_json::to_string(&ticket)
             .map_err(|error| ApiError::new(ErrorClass::Internal, "ticket", error.to_string()))?;
@@ -868,6 +895,24 @@ impl Daemon {
 }
 
 /// Records `result` as the operation's last step and its outcome.
+/// `ticket` (JSON; empty when none was issued) with its route secret set to
+/// `secret`.
+fn with_route_secret(ticket: &str, secret: Option<&str>) -> Result<String, ApiError> {
+    if ticket.is_empty() {
+        return Ok(String::new());
+    }
+    let broken = |error: serde_json::Error| {
+        ApiError::new(
+            ErrorClass::Internal,
+            "ticket",
+            format!("a join ticket: {error}"),
+        )
+    };
+    let mut parsed: JoinTicket = serde_json::from_str(ticket).map_err(broken)?;
+    parsed.route_secret = secret.map(str::to_owned);
+    serde_json::to_string(&parsed).map_err(broken)
+}
+
 async fn finish<T: Serialize>(
     mut run: OperationRun<NatsStore>,
     step: &str,
@@ -918,6 +963,7 @@ mod tests {
             subnet: SubnetIndex::new(2).expect("index"),
             peers: known_peers("m-2", &[member("m-1", 1, Membership::Active)]),
             routes: vec!["[fd12:3456:789a:1::1]:4723".parse().expect("route")],
+            route_secret: Some("00ff".to_owned()),
         };
         let text = serde_json::to_string(&ticket).expect("encode");
         assert_eq!(
@@ -926,5 +972,28 @@ mod tests {
         );
         let tampered = text.replacen('{', "{\"extra\":1,", 1);
         assert!(serde_json::from_str::<JoinTicket>(&tampered).is_err());
+    }
+
+    #[test]
+    fn a_recorded_ticket_drops_the_route_secret_and_a_replay_restores_it() {
+        let ticket = JoinTicket {
+            network: NetworkName::parse("prod").expect("name"),
+            cluster_id: "c-1".to_owned(),
+            machine_id: "m-2".to_owned(),
+            prefix: "fd12:3456:789a::/48".parse().expect("prefix"),
+            subnet: SubnetIndex::new(2).expect("index"),
+            peers: Vec::new(),
+            routes: Vec::new(),
+            route_secret: Some("c0ffee".to_owned()),
+        };
+        let text = serde_json::to_string(&ticket).expect("encode");
+        let recorded = with_route_secret(&text, None).expect("redacted");
+        assert!(!recorded.contains("c0ffee"), "{recorded}");
+        let replayed = with_route_secret(&recorded, Some("c0ffee")).expect("restored");
+        assert_eq!(
+            serde_json::from_str::<JoinTicket>(&replayed).expect("decode"),
+            ticket
+        );
+        assert_eq!(with_route_secret("", Some("c0ffee")).expect("none"), "");
     }
 }

@@ -418,6 +418,11 @@ impl Daemon {
                     self.config.nats.cluster_port,
                 ),
                 routes,
+                authorization: identity
+                    .mesh
+                    .as_ref()
+                    .and_then(|mesh| mesh.route_secret.clone())
+                    .map(|secret| crate::services::nats::NatsUser::new(ROUTE_USER, secret)),
             });
         }
         Ok(nats_config)
@@ -507,6 +512,8 @@ impl Daemon {
             prefix: crate::mesh::addressing::OverlayPrefix::generate(),
             subnet: crate::mesh::addressing::SubnetIndex::preferred_for(&identity.machine_id),
             routes: Vec::new(),
+            // Still alone in its network: no other machine holds a credential yet.
+            route_secret: Some(crate::machine::identity::MeshIdentity::new_route_secret()),
         });
         upgraded.store(&self.config.data_dir)?;
         tracing::info!("gave this machine's identity its overlay prefix and subnet");
@@ -598,6 +605,9 @@ pub enum BringUpError {
     #[error("store")]
     Store(#[from] StoreError),
 }
+
+/// The user name NATS routes authenticate as (with the network's route secret).
+const ROUTE_USER: &str = "ployz-route";
 
 /// Lets the kernel forward IPv6 between the overlay and the container bridge.
 fn enable_ipv6_forwarding() -> std::io::Result<()> {

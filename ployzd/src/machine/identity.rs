@@ -76,6 +76,18 @@ pub struct MeshIdentity {
     /// servers gossip every later member to each other.
     #[serde(default)]
     pub routes: Vec<SocketAddr>,
+    /// The network's NATS route credential (hex), the same on every
+    /// machine: servers accept routes only from servers that present it.
+    /// Absent on networks founded before routes were authenticated.
+    #[serde(default)]
+    pub route_secret: Option<String>,
+}
+
+impl MeshIdentity {
+    /// A fresh route credential for a network being founded.
+    pub fn new_route_secret() -> String {
+        hex::encode(rand::random::<[u8; 32]>())
+    }
 }
 
 impl LocalIdentity {
@@ -94,6 +106,7 @@ impl LocalIdentity {
                 prefix: OverlayPrefix::generate(),
                 subnet,
                 routes: Vec::new(),
+                route_secret: Some(MeshIdentity::new_route_secret()),
             }),
         }
     }

@@ -142,6 +142,12 @@ pub struct NatsClusterConfig {
     pub listen: SocketAddr,
     /// Other servers to route to; they tell each other about the rest.
     pub routes: Vec<SocketAddr>,
+    /// The network's route credential: a server accepts routes only from
+    /// servers that present it, and presents it on its own routes. Without
+    /// it, anything that reaches the route port over the overlay (a
+    /// workload container included) could join the store's cluster. `None`
+    /// only for networks founded before routes were authenticated.
+    pub authorization: Option<NatsUser>,
 }
 
 /// How a server takes part in leaf connections. The first machines of a
@@ -715,11 +721,32 @@ fn render_cluster(text: &mut String, cluster: &NatsClusterConfig) -> Result<(), 
         "  # loopback address, onto whatever listens there on this machine).\n",
     ));
     text.push_str("  no_advertise: true\n");
+    let credentials = match &cluster.authorization {
+        Some(user) => {
+            check_user("cluster.authorization", user)?;
+            text.push_str(
+                "  # Routes present the network's route credential, and only servers that\n",
+            );
+            text.push_str("  # present it may route here.\n");
+            text.push_str("  authorization {\n");
+            text.push_str(&format!(
+                "    user: {}\n    password: {}\n",
+                quoted("cluster.authorization", &user.name)?,
+                quoted("cluster.authorization", &user.password)?
+            ));
+            text.push_str("  }\n");
+            format!("{}:{}@", user.name, user.password)
+        }
+        None => String::new(),
+    };
     text.push_str("  routes: [\n");
     for route in routes {
         text.push_str(&format!(
             "    {}\n",
-            quoted("cluster.routes", &format!("nats-route://{route}"))?
+            quoted(
+                "cluster.routes",
+                &format!("nats-route://{credentials}{route}")
+            )?
         ));
     }
     text.push_str("  ]\n");
@@ -1050,6 +1077,7 @@ mod tests {
                 "[fd00:0:0:1::1]:4723".parse().expect("route"),
                 "[fd00:0:0:2::1]:4723".parse().expect("route"),
             ],
+            authorization: None,
         }
     }
 
@@ -1095,6 +1123,7 @@ mod tests {
                     "10.0.0.3:6222".parse().expect("route"),
                     "10.0.0.2:6222".parse().expect("route"),
                 ],
+                authorization: None,
             }),
             ..config()
         })
