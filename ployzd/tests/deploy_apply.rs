@@ -380,3 +380,230 @@ async fn an_unconfirmed_flip_is_reported_and_the_commit_stands() {
     assert_eq!(status, "failed");
     assert!(detail.contains("gateway: not answering"), "{detail}");
 }
+
+/// Three machines, each with its own engine; the deployer runs on `m-1` and
+/// drives `m-2` and `m-3` through its peers, as ployzd does over the overlay.
+struct Fleet {
+    engines: std::collections::BTreeMap<String, MemoryRuntime>,
+    deployer: Deployer<MemoryStore, MemoryRuntime, DirVolumes>,
+    journal: Journal<MemoryStore>,
+    _volumes: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn new() -> Self {
+        use ployzd::{
+            machine::{MachineRecord, Membership, NetworkName, records::MachineMesh},
+            mesh::addressing::SubnetIndex,
+            store::RecordStore,
+        };
+        let store = MemoryStore::new();
+        let engines: std::collections::BTreeMap<String, MemoryRuntime> = ["m-1", "m-2", "m-3"]
+            .into_iter()
+            .map(|machine| {
+                let engine = MemoryRuntime::new();
+                engine.add_image("app:v1");
+                engine.add_image("app:v2");
+                (machine.to_owned(), engine)
+            })
+            .collect();
+        for (index, machine) in ["m-1", "m-2", "m-3"].into_iter().enumerate() {
+            let record = MachineRecord {
+                id: machine.to_owned(),
+                hostname: machine.to_owned(),
+                network: NetworkName::parse("fleet").expect("a network name"),
+                membership: Membership::Active,
+                joined_at_unix_ms: 1,
+                mesh: Some(MachineMesh {
+                    public_key: String::new(),
+                    endpoint: None,
+                    subnet: SubnetIndex::new(index as u16 + 1).expect("an index"),
+                    overlay_address: format!("fd00:0:0:{}::1", index + 1)
+                        .parse()
+                        .expect("an address"),
+                }),
+            };
+            store
+                .create(
+                    &MachineRecord::key(machine),
+                    serde_json::to_vec(&record).expect("encode"),
+                )
+                .await
+                .expect("record the machine");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volumes = DirVolumes::open(dir.path()).expect("dir volumes");
+        let peers = engines.clone();
+        let deployer = Deployer::new(DeployerDeps {
+            store: store.clone(),
+            runtime: engines["m-1"].clone(),
+            volumes,
+            machine: "m-1".to_owned(),
+            runner: "test-runner".to_owned(),
+        })
+        .with_peers(std::sync::Arc::new(move |machine, _address| {
+            // An engine nobody knows has nothing and runs nothing.
+            peers.get(machine).cloned().unwrap_or_default()
+        }));
+        Self {
+            journal: Journal::new(store, "test-runner"),
+            engines,
+            deployer,
+            _volumes: dir,
+        }
+    }
+
+    async fn deploy(&self, id: &str, manifest: &Manifest) -> Result<DeployOutcome, DeployError> {
+        let id = OperationId::parse(id).expect("valid id");
+        let mut run = match self
+            .journal
+            .begin(&id, "deploy", &manifest.to_toml())
+            .await
+            .expect("begin")
+        {
+            Begin::Run(run) => run,
+            Begin::Replay(_) => panic!("a new operation must run"),
+        };
+        self.deployer.apply(&mut run, manifest).await
+    }
+
+    /// Each machine's containers of `shop`: (running ids, all count).
+    async fn on(&self, machine: &str) -> (Vec<String>, usize) {
+        let filter = [(labels::NAMESPACE.to_owned(), "shop".to_owned())].into();
+        let all = self.engines[machine].list(&filter).await.expect("list");
+        let mut running: Vec<String> = all
+            .iter()
+            .filter(|c| c.state == ContainerState::Running)
+            .map(|c| c.id.0.clone())
+            .collect();
+        running.sort();
+        (running, all.len())
+    }
+}
+
+fn spread(image: &str, placement: &str, extra: &str) -> Manifest {
+    Manifest::parse(&format!(
+        "namespace = \"shop\"\n[services.web]\nimage = \"{image}\"\nreplicas = 3\nplacement = [{placement}]\n{extra}"
+    ))
+    .expect("valid manifest")
+}
+
+const ALL_THREE: &str = "\"m-1\", \"m-2\", \"m-3\"";
+
+#[tokio::test]
+async fn replicas_run_on_the_machines_their_placement_names_and_are_replaced_there() {
+    let fleet = Fleet::new().await;
+    let v1 = fleet
+        .deploy("op-1", &spread("app:v1", ALL_THREE, ""))
+        .await
+        .expect("v1");
+    for (replica, machine) in ["m-1", "m-2", "m-3"].into_iter().enumerate() {
+        let container = v1.record.services["web"]
+            .containers
+            .iter()
+            .find(|c| c.replica as usize == replica)
+            .expect("each replica is recorded");
+        assert_eq!(container.machine, machine);
+        let (running, all) = fleet.on(machine).await;
+        assert_eq!(running, std::slice::from_ref(&container.id), "{machine}");
+        assert_eq!(all, 1, "{machine}");
+    }
+
+    let v2 = fleet
+        .deploy("op-2", &spread("app:v2", ALL_THREE, ""))
+        .await
+        .expect("v2");
+    assert!(v2.cleanup_failures.is_empty(), "{:?}", v2.cleanup_failures);
+    for container in &v2.record.services["web"].containers {
+        let (running, all) = fleet.on(&container.machine).await;
+        assert_eq!(
+            running,
+            std::slice::from_ref(&container.id),
+            "{}",
+            container.machine
+        );
+        assert_eq!(all, 1, "the old replica is gone from {}", container.machine);
+    }
+}
+
+#[tokio::test]
+async fn an_unhealthy_replica_on_another_machine_undoes_the_deploy_on_every_machine() {
+    let fleet = Fleet::new().await;
+    fleet
+        .deploy("op-1", &spread("app:v1", ALL_THREE, ""))
+        .await
+        .expect("v1");
+    let mut before = Vec::new();
+    for machine in ["m-1", "m-2", "m-3"] {
+        before.push(fleet.on(machine).await);
+    }
+    // Only machine 3's replica fails its check.
+    fleet.engines["m-3"].set_exec_reply(
+        &["check"],
+        ExecReply::Output(ExecOutput {
+            exit_code: 1,
+            stdout: Vec::new(),
+            stderr: b"not ready".to_vec(),
+        }),
+    );
+    fleet.engines["m-1"].set_exec_reply(
+        &["check"],
+        ExecReply::Output(ExecOutput {
+            exit_code: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        }),
+    );
+    fleet.engines["m-2"].set_exec_reply(
+        &["check"],
+        ExecReply::Output(ExecOutput {
+            exit_code: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        }),
+    );
+    let broken = spread(
+        "app:v2",
+        ALL_THREE,
+        "health = { command = [\"check\"], interval = \"10ms\", retries = 2 }\n",
+    );
+    let error = fleet.deploy("op-2", &broken).await.expect_err("unhealthy");
+    let DeployError::StepFailed {
+        unhealthy, undone, ..
+    } = &error
+    else {
+        panic!("expected StepFailed, got {error}");
+    };
+    assert!(unhealthy);
+    assert_eq!(
+        undone.matches("removed new container").count(),
+        3,
+        "{undone}"
+    );
+    for (machine, before) in ["m-1", "m-2", "m-3"].into_iter().zip(before) {
+        assert_eq!(fleet.on(machine).await, before, "{machine} is as it was");
+    }
+    assert_eq!(
+        fleet.deployer.history("shop").await.expect("history").len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_placement_on_a_machine_that_is_not_a_member_fails_before_anything_changes() {
+    let fleet = Fleet::new().await;
+    let error = fleet
+        .deploy("op-1", &spread("app:v1", "\"m-1\", \"m-9\"", ""))
+        .await
+        .expect_err("m-9 is no member");
+    assert!(
+        matches!(
+            &error,
+            DeployError::Plan(PlanError::PlacementUnavailable { machine, .. }) if machine == "m-9"
+        ),
+        "{error}"
+    );
+    for machine in ["m-1", "m-2", "m-3"] {
+        assert_eq!(fleet.on(machine).await, (Vec::new(), 0), "{machine}");
+    }
+}

@@ -950,10 +950,15 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         plan: &DeployPlan,
         record: &DeployRecord,
     ) -> Result<Vec<(String, String)>, DeployError> {
-        let kept: Vec<&str> = record
+        // Containers are known by (machine, id).
+        let kept: Vec<(&str, &str)> = record
             .services
             .values()
-            .flat_map(|s| s.containers.iter().map(|c| c.id.as_str()))
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .map(|c| (c.machine.as_str(), c.id.as_str()))
+            })
             .collect();
         // (container id, its machine, stop grace)
         let mut doomed: Vec<(String, String, Duration)> = Vec::new();
@@ -983,9 +988,9 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
                 .iter()
                 .map(|o| (o.id.clone(), o.machine.clone(), Duration::from_secs(10))),
         );
-        doomed.retain(|(id, _, _)| !kept.contains(&id.as_str()));
+        doomed.retain(|(id, machine, _)| !kept.contains(&(machine.as_str(), id.as_str())));
         doomed.sort();
-        doomed.dedup_by(|a, b| a.0 == b.0);
+        doomed.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
 
         // Even a first deploy waits, so that when it returns its routes answer.
         self.switch_traffic(run, &record.commit, !doomed.is_empty())

@@ -252,11 +252,13 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
         namespace: manifest.namespace.clone(),
         seq: head.map_or(1, |head| head.commit.seq + 1),
     };
-    let running: BTreeSet<&str> = observed
+    // Containers are known by (machine, id): an id means something only on
+    // the engine that made it.
+    let running: BTreeSet<(&str, &str)> = observed
         .containers
         .iter()
         .filter(|(_, c)| c.state == ContainerState::Running)
-        .map(|(_, c)| c.id.0.as_str())
+        .map(|(machine, c)| (machine.as_str(), c.id.0.as_str()))
         .collect();
 
     check_routes(manifest, observed)?;
@@ -303,8 +305,10 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
             .map(|record| record.containers.clone())
             .unwrap_or_default();
         let restoring = service.volumes.iter().any(|v| v.restore.is_some());
-        let all_running =
-            !current.is_empty() && current.iter().all(|c| running.contains(c.id.as_str()));
+        let all_running = !current.is_empty()
+            && current
+                .iter()
+                .all(|c| running.contains(&(c.machine.as_str(), c.id.as_str())));
         let placed_as_before = current.len() == machines.len()
             && current
                 .iter()
@@ -428,18 +432,22 @@ pub fn plan(manifest: &Manifest, observed: &Observation) -> Result<DeployPlan, P
         }
     }
 
-    let owned: BTreeSet<&str> = head
+    let owned: BTreeSet<(&str, &str)> = head
         .map(|head| {
             head.services
                 .values()
-                .flat_map(|s| s.containers.iter().map(|c| c.id.as_str()))
+                .flat_map(|s| {
+                    s.containers
+                        .iter()
+                        .map(|c| (c.machine.as_str(), c.id.as_str()))
+                })
                 .collect()
         })
         .unwrap_or_default();
     let orphans: Vec<Orphan> = observed
         .containers
         .iter()
-        .filter(|(_, c)| !owned.contains(c.id.0.as_str()))
+        .filter(|(machine, c)| !owned.contains(&(machine.as_str(), c.id.0.as_str())))
         .map(|(machine, c)| Orphan {
             id: c.id.0.clone(),
             machine: machine.clone(),
