@@ -607,3 +607,41 @@ async fn a_placement_on_a_machine_that_is_not_a_member_fails_before_anything_cha
         assert_eq!(fleet.on(machine).await, (Vec::new(), 0), "{machine}");
     }
 }
+
+#[tokio::test]
+async fn a_leftover_on_a_machine_the_deploy_does_not_place_on_is_removed() {
+    let fleet = Fleet::new().await;
+    let two = "\"m-1\", \"m-2\"";
+    fleet
+        .deploy("op-1", &spread("app:v1", two, ""))
+        .await
+        .expect("v1");
+    // A replica of the namespace that no commit owns sits on machine 3 (a
+    // cleanup that could not reach it left it there).
+    let leftover = fleet.engines["m-3"]
+        .create(&ployzd::runtime::ContainerSpec {
+            name: "ployz-shop-web-0-0".to_owned(),
+            image: "app:v1".to_owned(),
+            labels: [
+                (labels::MANAGED.to_owned(), "true".to_owned()),
+                (labels::NAMESPACE.to_owned(), "shop".to_owned()),
+            ]
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create the leftover");
+    fleet.engines["m-3"].start(&leftover).await.expect("start");
+    assert_eq!(fleet.on("m-3").await.1, 1);
+
+    let v2 = fleet
+        .deploy("op-2", &spread("app:v2", two, ""))
+        .await
+        .expect("v2");
+    assert!(v2.cleanup_failures.is_empty(), "{:?}", v2.cleanup_failures);
+    assert_eq!(
+        fleet.on("m-3").await,
+        (Vec::new(), 0),
+        "the leftover on machine 3 is gone"
+    );
+}

@@ -36,7 +36,8 @@ use crate::{
     coordination::{JournalError, OperationRun, StepStatus},
     machine::{MachineRecord, Membership},
     runtime::{
-        ContainerId, ContainerRuntime, ContainerSpec, ContainerState, Mount, RuntimeError, labels,
+        ContainerId, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, Mount,
+        RuntimeError, labels,
     },
     storage::{SnapshotName, StorageError, VolumeBackend, VolumeName},
     store::{
@@ -228,6 +229,56 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             machines.extend(service.containers.iter().map(|c| c.machine.clone()));
         }
         machines.into_iter().collect()
+    }
+
+    /// Every machine a deploy of `manifest` looks at: the ones it touches
+    /// and, when it can reach other machines, every active member, so that
+    /// containers of the namespace left on a machine no commit names any
+    /// more (a cleanup that could not reach it) are found and removed.
+    async fn observed_machines(
+        &self,
+        manifest: &Manifest,
+        head: Option<&DeployRecord>,
+    ) -> Vec<String> {
+        let mut machines: BTreeSet<String> =
+            self.involved_machines(manifest, head).into_iter().collect();
+        if self.peers.is_some() {
+            match self.store.list(&MachineRecord::prefix()).await {
+                Ok(records) => machines.extend(
+                    records
+                        .iter()
+                        .filter_map(|record| record.decode::<MachineRecord>().ok())
+                        .filter(|machine| machine.membership == Membership::Active)
+                        .map(|machine| machine.id),
+                ),
+                Err(error) => tracing::warn!(
+                    error = %crate::error_chain(&error),
+                    "cannot list the members; looking only at the machines this deploy touches"
+                ),
+            }
+        }
+        machines.into_iter().collect()
+    }
+
+    /// The containers carrying `filter` on each of `machines`, asked of all
+    /// machines at once (one that does not answer costs one connect timeout,
+    /// not one per machine). A machine's entry says why it could not answer.
+    async fn list_on(
+        &self,
+        machines: &[String],
+        filter: &BTreeMap<String, String>,
+    ) -> Vec<(String, Result<(R, Vec<ContainerInfo>), Unlisted>)> {
+        let asks = machines.iter().map(|machine| async move {
+            let listed = match self.runtime_on(machine).await {
+                Ok(runtime) => match runtime.list(filter).await {
+                    Ok(found) => Ok((runtime, found)),
+                    Err(error) => Err(Unlisted::Engine(error)),
+                },
+                Err(reason) => Err(Unlisted::Unavailable(reason)),
+            };
+            (machine.clone(), listed)
+        });
+        futures::future::join_all(asks).await
     }
 
     /// Points containers at this machine's DNS, searching their namespace's
@@ -519,22 +570,21 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         let mut containers = Vec::new();
         let mut unavailable = BTreeMap::new();
         let mut runtimes = BTreeMap::new();
-        for machine in self.involved_machines(manifest, head.as_ref()) {
-            let runtime = match self.runtime_on(&machine).await {
-                Ok(runtime) => runtime,
-                Err(reason) => {
-                    unavailable.insert(machine, reason);
-                    continue;
-                }
-            };
-            match runtime.list(&filter).await {
-                Ok(found) => {
+        let machines = self.observed_machines(manifest, head.as_ref()).await;
+        for (machine, listed) in self.list_on(&machines, &filter).await {
+            match listed {
+                Ok((runtime, found)) => {
                     containers.extend(found.into_iter().map(|info| (machine.clone(), info)));
                     runtimes.insert(machine, runtime);
                 }
-                Err(error) if machine == self.machine => return Err(error.into()),
-                Err(error) => {
+                Err(Unlisted::Engine(error)) if machine == self.machine => {
+                    return Err(error.into());
+                }
+                Err(Unlisted::Engine(error)) => {
                     unavailable.insert(machine, crate::error_chain(&error));
+                }
+                Err(Unlisted::Unavailable(reason)) => {
+                    unavailable.insert(machine, reason);
                 }
             }
         }
@@ -634,17 +684,17 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             (labels::DEPLOY.to_owned(), next.to_string()),
         ]);
         let mut leftovers = 0;
-        for machine in self.involved_machines(manifest, head.as_ref()) {
+        let machines = self.observed_machines(manifest, head.as_ref()).await;
+        for (machine, listed) in self.list_on(&machines, &filter).await {
             // A machine that cannot be reached now fails the plan if the
             // deploy places on it; otherwise its leftovers wait for a
             // deploy that can reach it.
-            let Ok(runtime) = self.runtime_on(&machine).await else {
-                continue;
-            };
-            let found = match runtime.list(&filter).await {
-                Ok(found) => found,
-                Err(error) if machine == self.machine => return Err(error.into()),
-                Err(_) => continue,
+            let (runtime, found) = match listed {
+                Ok(listed) => listed,
+                Err(Unlisted::Engine(error)) if machine == self.machine => {
+                    return Err(error.into());
+                }
+                Err(Unlisted::Engine(_) | Unlisted::Unavailable(_)) => continue,
             };
             for container in &found {
                 runtime.remove(&container.id).await?;
@@ -1069,6 +1119,14 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         run.step("traffic", status, detail).await?;
         Ok(())
     }
+}
+
+/// Why a machine's containers could not be listed.
+enum Unlisted {
+    /// The machine cannot run containers now (not a member, not reachable).
+    Unavailable(String),
+    /// Its engine answered with a failure.
+    Engine(RuntimeError),
 }
 
 /// Why a service step failed.
