@@ -310,10 +310,11 @@ fn render_commit_body(commit: &v1::DeployCommit) -> String {
         for container in &service.containers {
             let _ = writeln!(
                 text,
-                "  service {:<16} {} {} {}",
+                "  service {:<16} {} {} on {} {}",
                 service.service,
                 short(&container.id),
                 container.name,
+                container.machine,
                 container.addresses.join(",")
             );
         }
