@@ -681,6 +681,11 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     );
     let status = ployzctl_json(two, &["status"]);
     assert_eq!(status["cluster"]["network"], NETWORK, "{status}");
+    let detail = status["mesh"]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("peer API on [") && detail.contains("containers on network `ployz`"),
+        "{status}"
+    );
 
     // Lose machine 3 entirely: the store stays writable from 1 and 2, and
     // `machine ls` observes 3 unreachable while its record still says active.

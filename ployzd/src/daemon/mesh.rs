@@ -274,10 +274,22 @@ impl Daemon {
             Ok(Err(error)) => format!("tunnel does not answer: {}", error_chain(&error)),
             Err(_) => format!("tunnel does not answer within {PROBE_TIMEOUT:?}"),
         };
+        let peer_api = match self.peer_api.get() {
+            Some(Ok(address)) => format!("peer API on {address}"),
+            Some(Err(reason)) => format!("peer API down: {reason}"),
+            None => "peer API not started".to_owned(),
+        };
+        let containers = match &self.config.mesh.container_network {
+            Some(network) => format!(
+                "containers on network `{network}` in {}",
+                mesh.subnet().containers()
+            ),
+            None => "containers on Docker's default bridge (this machine only)".to_owned(),
+        };
         (
             running,
             format!(
-                "ployz-tunnel pid {} ({}) on {} port {}; overlay {} in {}/{}; {peers}",
+                "ployz-tunnel pid {} ({}) on {} port {}; overlay {} in {}/{}; {peers}; {peer_api}; {containers}",
                 status.pid.unwrap_or(0),
                 status.origin.kind(),
                 mesh.spec.interface,

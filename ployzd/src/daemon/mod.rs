@@ -79,6 +79,8 @@ pub struct Daemon {
     volumes: Result<Volumes, String>,
     /// The container engine, connected on first use (it may start after the daemon).
     containers: Mutex<Option<DockerRuntime>>,
+    /// Where the peer API listens, or why it does not; set once the overlay is up.
+    peer_api: std::sync::OnceLock<Result<SocketAddr, String>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -159,6 +161,7 @@ impl Daemon {
             me: std::sync::OnceLock::new(),
             volumes,
             containers: Mutex::new(None),
+            peer_api: std::sync::OnceLock::new(),
             tasks: TaskTracker::new(),
             shutdown,
         });
@@ -257,6 +260,7 @@ impl Daemon {
         let engine = Arc::new(PeerEngine { daemon: me });
         match peer::serve(engine, address, self.shutdown.clone()).await {
             Ok(serving) => {
+                let _ = self.peer_api.set(Ok(address));
                 tracing::info!(%address, "peer API listening on the overlay");
                 self.tasks.spawn(async move {
                     if let Err(error) = serving.await {
@@ -265,6 +269,9 @@ impl Daemon {
                 });
             }
             Err(error) => {
+                let _ = self
+                    .peer_api
+                    .set(Err(format!("cannot listen on {address}: {error}")));
                 tracing::error!(%address, %error, "cannot serve the peer API; other machines cannot place containers here");
             }
         }
