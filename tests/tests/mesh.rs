@@ -1,8 +1,10 @@
 //! The mesh across real hosts: network namespaces made by the cluster harness,
 //! each with its own sshd and Docker engine. A cluster is built only with
 //! `ployzctl mesh init` and `ployzctl machine add` over SSH; then the overlay,
-//! membership, the replicated store and the failure paths are checked the way
-//! an operator would: `ping`, `machine ls`, `wg show`, and killing things.
+//! membership, the replicated store, deploys across machines and the failure
+//! paths are checked the way an operator would: `ping`, `machine ls`,
+//! `wg show`, `docker ps`, `curl` through the gateway, `dig`, and killing
+//! things. Ends with a fourth machine joining the running cluster.
 //! Needs root and Docker.
 
 use std::{
@@ -423,13 +425,13 @@ fn start_daemon(host: &Host) {
 #[test]
 fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     let cluster = Cluster::builder()
-        .hosts(4)
+        .hosts(5)
         .docker(true)
         .without_tun(3)
         .build()
         .expect("build a 4-host cluster");
-    let [one, two, three, no_tun] = cluster.hosts() else {
-        panic!("four hosts");
+    let [one, two, three, no_tun, four] = cluster.hosts() else {
+        panic!("five hosts");
     };
     let key = cluster.ssh_key().display().to_string();
 
@@ -793,5 +795,33 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         caught_up.is_ok(),
         "machine 3 takes no writes after rejoining: {}",
         last.as_ref().map(describe).unwrap_or_default()
+    );
+
+    // A fourth machine joins the running cluster as one more route peer:
+    // the store keeps three copies over four servers, and the newcomer
+    // reaches the others over the overlay.
+    let added = machine_add(&cluster, one, &[four], &key);
+    assert!(
+        added.status.success(),
+        "machine add 4: {}",
+        describe(&added)
+    );
+    let result: Value = serde_json::from_slice(&added.stdout).expect("machine add JSON");
+    assert_eq!(result[0]["outcome"], "added", "{result}");
+    assert_eq!(result[0]["store_servers"], 4, "{result}");
+    assert_eq!(result[0]["store_replicas"], 3, "{result}");
+    let fourth = overlay_address(four);
+    wait_until(
+        Duration::from_secs(10),
+        "machine 1 to ping machine 4",
+        || pings(one, &fourth),
+    )
+    .expect("machine 1 pings machine 4 over the overlay");
+    let listed = ployzctl_json(four, &["machine", "ls"]);
+    let machines = listed["machines"].as_array().expect("machines");
+    assert_eq!(machines.len(), 4, "{listed}");
+    assert!(
+        machines.iter().all(|m| m["membership"] == "active"),
+        "{listed}"
     );
 }
