@@ -47,11 +47,11 @@
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
-    path::Path,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
+use ployz_tests::{free_addr, kill, processes_under};
 use ployzd::{
     services::nats::{NatsClusterConfig, NatsSidecar, NatsSidecarConfig, NatsUser, find_binary},
     store::{
@@ -150,42 +150,10 @@ impl Drop for Cluster {
                 }
             }
         }
-        for pid in processes_mentioning(self.dir.path()) {
-            kill(pid);
+        for pid in processes_under(self.dir.path()) {
+            kill(pid, libc::SIGKILL);
         }
     }
-}
-
-fn kill(pid: u32) {
-    let pid = libc::pid_t::try_from(pid).expect("pids fit in pid_t");
-    // SAFETY: kill(2) reads no memory of ours; `pid` is one positive pid of a
-    // process this test started, never 0 or -1 (which address process groups).
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
-}
-
-fn free_addr(host: IpAddr) -> SocketAddr {
-    TcpListener::bind(SocketAddr::new(host, 0))
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local address")
-}
-
-fn processes_mentioning(needle: &Path) -> Vec<u32> {
-    let needle = needle.to_str().expect("temp dirs are UTF-8");
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != std::process::id())
-        .filter(|&pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
-        })
-        .collect()
 }
 
 async fn connect(
@@ -288,7 +256,7 @@ async fn the_store_goes_to_three_replicas_survives_losing_a_server_and_the_serve
 
     // Lose the founding server (it led the meta group and the streams).
     let killed = first.status().pid.expect("server 0 runs");
-    kill(killed);
+    kill(killed, libc::SIGKILL);
     drop(store_0);
     let ((), took) = retry("create and update through server 2", || async {
         let created = match store_2.create(&later, b"one".to_vec()).await {

@@ -41,13 +41,13 @@
 use std::{
     fs,
     future::Future,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
-    path::Path,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
 use bytes::Bytes;
 use futures::StreamExt as _;
+use ployz_tests::{free_addr, kill, processes_under};
 use ployzd::{
     services::nats::{
         NatsClusterConfig, NatsHubConfig, NatsLeafConfig, NatsLeafnodes, NatsSidecar,
@@ -183,46 +183,14 @@ impl Drop for Network {
                 }
             }
         }
-        for pid in processes_mentioning(self.dir.path()) {
-            signal(pid, libc::SIGKILL);
+        for pid in processes_under(self.dir.path()) {
+            kill(pid, libc::SIGKILL);
         }
     }
 }
 
 fn binary() -> std::path::PathBuf {
     find_binary(None).expect("nats-server is installed (cargo xtask setup)")
-}
-
-fn signal(pid: u32, signal: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pids fit in pid_t");
-    // SAFETY: kill(2) reads no memory of ours; `pid` is one positive pid of a
-    // process this test started, never 0 or -1 (which address process groups).
-    unsafe {
-        libc::kill(pid, signal);
-    }
-}
-
-fn free_addr(host: IpAddr) -> SocketAddr {
-    TcpListener::bind(SocketAddr::new(host, 0))
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local address")
-}
-
-fn processes_mentioning(needle: &Path) -> Vec<u32> {
-    let needle = needle.to_str().expect("temp dirs are UTF-8");
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != std::process::id())
-        .filter(|&pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
-        })
-        .collect()
 }
 
 /// A store on `leaf`'s client port, addressing the core's JetStream domain.
@@ -486,7 +454,7 @@ async fn a_wrong_password_is_refused_and_a_removed_user_is_cut_off() {
         let without = network.core_config(index, std::slice::from_ref(&other_user));
         let file = network.dir.path().join(format!("core-{index}/nats.conf"));
         fs::write(&file, without.render().expect("renders")).expect("write config");
-        signal(server.status().pid.expect("core server runs"), libc::SIGHUP);
+        kill(server.status().pid.expect("core server runs"), libc::SIGHUP);
     }
     for index in 0..core.len() {
         let server = format!("core-{index}");

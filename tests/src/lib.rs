@@ -52,8 +52,15 @@ pub fn free_udp_port() -> u16 {
 
 /// A free TCP port on loopback (the listener is closed before returning).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    free_addr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)).port()
+}
+
+/// A free TCP address on `host` (the listener is closed before returning).
+pub fn free_addr(host: std::net::IpAddr) -> std::net::SocketAddr {
+    TcpListener::bind(std::net::SocketAddr::new(host, 0))
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
 }
 
 /// The finished run of a command.

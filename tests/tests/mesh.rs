@@ -224,6 +224,7 @@ fn deploy_across_machines(hosts: [&Host; 3]) -> Across {
     // machine's engine reports it, with an address from that machine's subnet.
     let mut hostnames = std::collections::BTreeSet::new();
     let mut addresses = Vec::new();
+    let mut replica_ids = Vec::new();
     for (replica, host) in hosts.iter().enumerate() {
         let container = containers
             .iter()
@@ -250,6 +251,7 @@ fn deploy_across_machines(hosts: [&Host; 3]) -> Across {
         );
         hostnames.insert(id[..12].to_owned());
         addresses.push(address);
+        replica_ids.push(id.to_owned());
     }
 
     // The gateway on machine 1 routes to the replicas on all three machines.
@@ -308,34 +310,15 @@ fn deploy_across_machines(hosts: [&Host; 3]) -> Across {
 
     // A container on machine 2 reaches the one on machine 3 by its overlay
     // address, straight over the mesh.
-    let docker_two = hosts[1].docker_host().expect("dockerd");
-    let on_two = containers
-        .iter()
-        .find(|c| c["replica"] == 1)
-        .and_then(|c| c["id"].as_str())
-        .expect("replica 1")
-        .to_owned();
+    let on_two = &replica_ids[1];
     // (busybox's wget crashes in a static build; its nc speaks the request.)
     let request = format!(
         "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc {} 8080",
         addresses[2]
     );
-    let fetched = hosts[1].exec(&[
-        "docker",
-        "-H",
-        &docker_two,
-        "exec",
-        &on_two,
-        "sh",
-        "-c",
-        &request,
-    ]);
+    let fetched = exec_in(hosts[1], on_two, &["sh", "-c", &request]);
     assert!(fetched.status.success(), "nc: {}", describe(&fetched));
-    let third = containers
-        .iter()
-        .find(|c| c["replica"] == 2)
-        .and_then(|c| c["id"].as_str())
-        .expect("replica 2");
+    let third = &replica_ids[2];
     let answer = String::from_utf8_lossy(&fetched.stdout).to_string();
     assert!(
         answer.starts_with("HTTP/1.") && answer.contains(" 200 "),
@@ -349,16 +332,11 @@ fn deploy_across_machines(hosts: [&Host; 3]) -> Across {
 
     // And by name: the container's DNS (machine 2's ployz-dns) knows the
     // replicas on every machine, and a connection by name reaches one.
-    let looked_up = hosts[1].exec(&[
-        "docker",
-        "-H",
-        &docker_two,
-        "exec",
-        &on_two,
-        "nslookup",
-        "-type=AAAA",
-        "web.across.ployz.internal",
-    ]);
+    let looked_up = exec_in(
+        hosts[1],
+        on_two,
+        &["nslookup", "-type=AAAA", "web.across.ployz.internal"],
+    );
     let looked_up_text = String::from_utf8_lossy(&looked_up.stdout).to_string();
     assert!(
         looked_up.status.success(),
@@ -374,16 +352,15 @@ fn deploy_across_machines(hosts: [&Host; 3]) -> Across {
             "{address} missing from nslookup: {looked_up_text}"
         );
     }
-    let by_name = hosts[1].exec(&[
-        "docker",
-        "-H",
-        &docker_two,
-        "exec",
-        &on_two,
-        "sh",
-        "-c",
-        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc web.across.ployz.internal 8080",
-    ]);
+    let by_name = exec_in(
+        hosts[1],
+        on_two,
+        &[
+            "sh",
+            "-c",
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc web.across.ployz.internal 8080",
+        ],
+    );
     let answer = String::from_utf8_lossy(&by_name.stdout).to_string();
     assert!(
         by_name.status.success(),
@@ -401,11 +378,16 @@ fn deploy_across_machines(hosts: [&Host; 3]) -> Across {
     Across {
         manifest: path,
         machines: ids,
-        containers: hosts
-            .iter()
-            .map(|host| across_containers(host).concat())
-            .collect(),
+        containers: replica_ids,
     }
+}
+
+/// Runs `command` in `container` on `host`'s Docker engine.
+fn exec_in(host: &Host, container: &str, command: &[&str]) -> Output {
+    let docker_host = host.docker_host().expect("the host runs dockerd");
+    let mut args = vec!["docker", "-H", &docker_host, "exec", container];
+    args.extend_from_slice(command);
+    host.exec(&args)
 }
 
 fn start_daemon(host: &Host) {

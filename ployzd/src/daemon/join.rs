@@ -953,9 +953,8 @@ mod tests {
     use super::*;
     use crate::daemon::mesh::tests::member;
 
-    #[test]
-    fn a_ticket_round_trips_and_unknown_fields_are_refused() {
-        let ticket = JoinTicket {
+    fn ticket() -> JoinTicket {
+        JoinTicket {
             network: NetworkName::parse("prod").expect("name"),
             cluster_id: "c-1".to_owned(),
             machine_id: "m-2".to_owned(),
@@ -963,8 +962,13 @@ mod tests {
             subnet: SubnetIndex::new(2).expect("index"),
             peers: known_peers("m-2", &[member("m-1", 1, Membership::Active)]),
             routes: vec!["[fd12:3456:789a:1::1]:4723".parse().expect("route")],
-            route_secret: Some("00ff".to_owned()),
-        };
+            route_secret: Some("c0ffee".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_ticket_round_trips_and_unknown_fields_are_refused() {
+        let ticket = ticket();
         let text = serde_json::to_string(&ticket).expect("encode");
         assert_eq!(
             serde_json::from_str::<JoinTicket>(&text).expect("decode"),
@@ -976,16 +980,7 @@ mod tests {
 
     #[test]
     fn a_recorded_ticket_drops_the_route_secret_and_a_replay_restores_it() {
-        let ticket = JoinTicket {
-            network: NetworkName::parse("prod").expect("name"),
-            cluster_id: "c-1".to_owned(),
-            machine_id: "m-2".to_owned(),
-            prefix: "fd12:3456:789a::/48".parse().expect("prefix"),
-            subnet: SubnetIndex::new(2).expect("index"),
-            peers: Vec::new(),
-            routes: Vec::new(),
-            route_secret: Some("c0ffee".to_owned()),
-        };
+        let ticket = ticket();
         let text = serde_json::to_string(&ticket).expect("encode");
         let recorded = with_route_secret(&text, None).expect("redacted");
         assert!(!recorded.contains("c0ffee"), "{recorded}");

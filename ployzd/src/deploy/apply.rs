@@ -69,6 +69,10 @@ pub struct Deployer<S, R, V> {
     container_dns: Vec<std::net::IpAddr>,
     /// Other machines' engines; `None`: this machine places on itself only.
     peers: Option<PeerRuntimes<R>>,
+    /// The peers' engines already found, so a deploy reads each machine's
+    /// record once. The daemon makes a deployer per request, so a later
+    /// request sees membership as it is then.
+    found_peers: Arc<std::sync::Mutex<BTreeMap<String, R>>>,
 }
 
 /// Everything a deploy needs, handed in by the composition root.
@@ -164,6 +168,7 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
             routing: Arc::new(NoRouting),
             container_dns: Vec::new(),
             peers: None,
+            found_peers: Arc::default(),
         }
     }
 
@@ -182,6 +187,9 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         let Some(peers) = &self.peers else {
             return Err("this machine places containers on itself only (no overlay)".to_owned());
         };
+        if let Some(found) = self.found_peers().get(machine) {
+            return Ok(found.clone());
+        }
         let key =
             Key::from_segments(["machines", machine]).map_err(|_| "not a machine id".to_owned())?;
         let record = match self.store.get(&key).await {
@@ -205,7 +213,17 @@ impl<S: Store, R: ContainerRuntime, V: VolumeBackend> Deployer<S, R, V> {
         let mesh = record
             .mesh
             .ok_or_else(|| "it has no place in the overlay".to_owned())?;
-        Ok(peers(machine, mesh.overlay_address))
+        let runtime = peers(machine, mesh.overlay_address);
+        self.found_peers()
+            .insert(machine.to_owned(), runtime.clone());
+        Ok(runtime)
+    }
+
+    fn found_peers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, R>> {
+        // The map holds no invariant a panicking holder could break.
+        self.found_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// [`Self::runtime_on`] for a step that needs the engine.
