@@ -5,6 +5,8 @@
 //! commits as they land, and saves each published table as the new last good
 //! one. When NATS goes away the current table keeps being served; on return
 //! the follower rebuilds from the store and publishes once caught up again.
+//! It authenticates with the configured user and password, if any, and reaches
+//! JetStream through the configured domain when its NATS server is a leaf node.
 
 use std::{
     io::{self, Write as _},
@@ -33,6 +35,12 @@ const FORMAT_VERSION: u32 = 1;
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on catching up after connecting: finding the stream, creating the
+/// consumer and reading every commit it holds. A stalled catch-up (seen once
+/// on a leaf server whose connection to the core came up meanwhile) is
+/// retried on a new connection instead of waited for forever. Once caught up,
+/// a quiet feed is normal and nothing is bounded.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the last good table could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -199,32 +207,65 @@ impl StoreFollower {
 
     /// One connection's worth of following: catch up, publish, follow.
     async fn follow(&self, url: &str) -> Result<(), String> {
-        let client = async_nats::ConnectOptions::new()
+        let options = match &self.config.credentials {
+            Some(credentials) => async_nats::ConnectOptions::with_user_and_password(
+                credentials.user.clone(),
+                credentials.password.clone(),
+            ),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = options
             .connection_timeout(CONNECT_TIMEOUT)
             .max_reconnects(Some(1))
             .name("ployz-routing")
             .connect(url)
             .await
             .map_err(|error| format!("cannot connect to {url}: {error}"))?;
-        let jetstream = jetstream::new(client);
+        // Through a leaf node only the domain's API subjects reach JetStream.
+        // Stored messages keep their `$KV.<bucket>.<key>` subjects either way,
+        // so keys are read the same.
+        let jetstream = match &self.config.jetstream_domain {
+            Some(domain) => jetstream::with_domain(client, domain),
+            None => jetstream::new(client),
+        };
+        let catch_up = tokio::time::Instant::now() + CATCH_UP_TIMEOUT;
+        let stalled = |what: &str| format!("{what} did not finish within {CATCH_UP_TIMEOUT:?}");
         let stream_name = format!("KV_{}", self.config.bucket);
-        let stream = jetstream
-            .get_stream(&stream_name)
+        let stream = tokio::time::timeout_at(catch_up, jetstream.get_stream(&stream_name))
             .await
-            .map_err(|error| format!("no commits yet: stream `{stream_name}`: {error}"))?;
+            .map_err(|_| stalled("looking up the commit stream"))?
+            .map_err(|error| {
+            if !is_no_responders(&error) {
+                return format!("no commits yet: stream `{stream_name}`: {error}");
+            }
+            // async-nats words this "requested JetStream resource does not
+            // exist", which reads like a missing bucket; it is a missing JetStream.
+            match &self.config.jetstream_domain {
+                Some(domain) => format!(
+                    "no JetStream answers in domain `{domain}` at {url} (stream `{stream_name}`)"
+                ),
+                None => format!(
+                    "no JetStream answers at {url} (stream `{stream_name}`); \
+                     a leaf node needs `jetstream_domain`"
+                ),
+            }
+        })?;
         let subject_prefix = format!("$KV.{}.", self.config.bucket);
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+        let consumer = tokio::time::timeout_at(
+            catch_up,
+            stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: format!("{subject_prefix}{}>", crate::table::COMMIT_KEY_PREFIX),
                 deliver_policy: DeliverPolicy::LastPerSubject,
                 ..Default::default()
-            })
-            .await
-            .map_err(|error| format!("cannot follow commits: {error}"))?;
+            }),
+        )
+        .await
+        .map_err(|_| stalled("creating the commit consumer"))?
+        .map_err(|error| format!("cannot follow commits: {error}"))?;
         let mut pending = consumer.cached_info().num_pending;
-        let mut messages = consumer
-            .messages()
+        let mut messages = tokio::time::timeout_at(catch_up, consumer.messages())
             .await
+            .map_err(|_| stalled("opening the commit feed"))?
             .map_err(|error| format!("cannot follow commits: {error}"))?;
 
         // A table built from the store alone; published only when caught up.
@@ -234,7 +275,17 @@ impl StoreFollower {
             self.publish(&table);
             caught_up = true;
         }
-        while let Some(message) = messages.next().await {
+        loop {
+            let next = if caught_up {
+                messages.next().await
+            } else {
+                tokio::time::timeout_at(catch_up, messages.next())
+                    .await
+                    .map_err(|_| stalled(&format!("reading {pending} pending commit(s)")))?
+            };
+            let Some(message) = next else {
+                break;
+            };
             let message = message.map_err(|error| format!("commit feed failed: {error}"))?;
             if let Ok(info) = message.info() {
                 pending = info.pending;
@@ -292,6 +343,14 @@ impl StoreFollower {
             status.last_error = None;
         });
     }
+}
+
+/// Whether nothing answered the JetStream request: no JetStream on the server,
+/// or, through a leaf node, none in the domain asked.
+fn is_no_responders(error: &jetstream::context::GetStreamError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::context::RequestError>())
+        .is_some_and(|source| source.kind() == jetstream::context::RequestErrorKind::NoResponders)
 }
 
 fn is_delete(message: &async_nats::jetstream::Message) -> bool {

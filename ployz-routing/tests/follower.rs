@@ -2,6 +2,8 @@
 //! from `cargo xtask setup`, or `PLOYZ_NATS_BIN`): it publishes a table only
 //! once caught up, takes in new commits, ignores older ones, keeps serving when
 //! NATS dies, saves the last good table, and catches up again when NATS returns.
+//! It also authenticates against a server requiring a user and password, and
+//! follows a hub's JetStream through a JetStream-less leaf node by its domain.
 
 use std::{
     net::TcpListener,
@@ -14,7 +16,7 @@ use std::{
 use async_nats::jetstream::{self, kv};
 use ployz_routing::{
     Origin, Snapshot,
-    config::SourceConfig,
+    config::{NatsCredentials, SourceConfig},
     source::{FollowerStatus, StoreFollower, load_last_good},
 };
 use tokio::sync::watch;
@@ -37,21 +39,44 @@ fn free_port() -> u16 {
     listener.local_addr().expect("address").port()
 }
 
-/// A nats-server on a loopback port with its store in `dir`; killed on drop.
+/// A nats-server on a loopback port; killed on drop, panics included.
 struct Nats {
     child: Child,
 }
 
 impl Nats {
+    /// JetStream on, its store in `dir`, no authorization.
     async fn start(dir: &Path, port: u16) -> Self {
-        let mut child = Command::new(nats_binary())
+        let mut command = Command::new(nats_binary());
+        command
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir)
+            .arg(dir);
+        Self::spawn(command, port).await
+    }
+
+    /// Runs the config `text`, written as `<dir>/<name>.conf`; `port` is the
+    /// client port it listens on.
+    async fn with_config(dir: &Path, name: &str, text: &str, port: u16) -> Self {
+        std::fs::create_dir_all(dir).expect("config dir");
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, text).expect("write nats config");
+        let mut command = Command::new(nats_binary());
+        command.arg("-c").arg(&path);
+        Self::spawn(command, port).await
+    }
+
+    async fn spawn(mut command: Command, port: u16) -> Self {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
         for _ in 0..100 {
+            // Exited: the port was taken, or the config refused; whatever
+            // answers on the port then is not this server.
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server for port {port} exited: {status}");
+            }
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Self { child };
             }
@@ -74,6 +99,11 @@ async fn bucket(port: u16) -> kv::Store {
     let client = async_nats::connect(format!("nats://127.0.0.1:{port}"))
         .await
         .expect("connect");
+    create_bucket(client).await
+}
+
+/// The deploy bucket on the server `client` is connected to, as ployzd writes it.
+async fn create_bucket(client: async_nats::Client) -> kv::Store {
     let jetstream = jetstream::new(client);
     jetstream
         .create_key_value(kv::Config {
@@ -110,15 +140,26 @@ struct Following {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn follow(port: u16, state_dir: &Path) -> Following {
-    let (snapshot_sender, snapshots) = watch::channel(Arc::new(Snapshot::default()));
-    let (status_sender, status) = watch::channel(FollowerStatus::default());
-    let config = SourceConfig {
+/// The source config of a follower of the server on `port`, without
+/// credentials or JetStream domain.
+fn source(port: u16, state_dir: &Path) -> SourceConfig {
+    SourceConfig {
         nats_url: Some(format!("nats://127.0.0.1:{port}")),
+        credentials: None,
+        jetstream_domain: None,
         bucket: "ployz".to_owned(),
         state_dir: state_dir.to_owned(),
         admin_socket: state_dir.join("admin.sock"),
-    };
+    }
+}
+
+fn follow(port: u16, state_dir: &Path) -> Following {
+    follow_with(source(port, state_dir))
+}
+
+fn follow_with(config: SourceConfig) -> Following {
+    let (snapshot_sender, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+    let (status_sender, status) = watch::channel(FollowerStatus::default());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(
         StoreFollower::new(config, snapshot_sender, status_sender).run(shutdown.clone()),
@@ -237,5 +278,268 @@ async fn an_empty_store_publishes_an_empty_table_from_the_store() {
     })
     .await;
     assert!(following.snapshots.borrow().table.namespaces.is_empty());
+    following.shutdown.cancel();
+}
+
+/// The user every Ployz NATS client authenticates as in these tests.
+const USER: &str = "ployzd";
+const PASSWORD: &str = "ployzd-secret-1234";
+
+fn credentials(password: &str) -> Option<NatsCredentials> {
+    Some(NatsCredentials {
+        user: USER.to_owned(),
+        password: password.to_owned(),
+    })
+}
+
+/// A client of the server on `port`, authenticated as [`USER`].
+async fn authenticated_client(port: u16) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(USER.to_owned(), PASSWORD.to_owned())
+        .connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .expect("connect with the right password")
+}
+
+/// Waits long enough for the follower to retry a few times (250 ms, 500 ms,
+/// 1 s backoff), then checks it never published nor saved a table.
+async fn assert_never_synced(following: &Following, state_dir: &Path) {
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let status = following.status.borrow().clone();
+    assert!(!status.in_sync, "{status:?}");
+    assert_eq!(status.last_sync_unix_ms, None, "{status:?}");
+    assert_eq!(following.snapshots.borrow().origin, Origin::Empty);
+    assert!(following.snapshots.borrow().table.namespaces.is_empty());
+    assert_eq!(load_last_good(state_dir).expect("readable"), None);
+}
+
+#[tokio::test]
+async fn follows_with_credentials_and_reports_a_refused_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = format!(
+        r#"
+        listen: "127.0.0.1:{port}"
+        jetstream {{ store_dir: "{store}" }}
+        authorization {{ users = [ {{ user: "{USER}", password: "{PASSWORD}" }} ] }}
+        "#,
+        store = dir.path().join("store").display(),
+    );
+    let _nats = Nats::with_config(dir.path(), "server", &config, port).await;
+    let store = create_bucket(authenticated_client(port).await).await;
+    put(&store, "shop", 1, "auth.test").await;
+
+    // The right password: caught up, then following.
+    let mut following = follow_with(SourceConfig {
+        credentials: credentials(PASSWORD),
+        ..source(port, &dir.path().join("state"))
+    });
+    wait_for(&mut following.snapshots, "the table", |s| {
+        s.origin == Origin::Store
+    })
+    .await;
+    assert_eq!(
+        served(&following.snapshots.borrow()),
+        vec![("shop".to_owned(), 1, "auth.test".to_owned())]
+    );
+    assert!(following.status.borrow().in_sync);
+    put(&store, "shop", 2, "auth-two.test").await;
+    wait_for(&mut following.snapshots, "commit shop/2", |s| {
+        s.table.namespaces.get("shop").is_some_and(|ns| ns.seq == 2)
+    })
+    .await;
+    assert_eq!(
+        served(&following.snapshots.borrow()),
+        vec![("shop".to_owned(), 2, "auth-two.test".to_owned())]
+    );
+
+    // A wrong password, and none at all: refused, said so, never in sync.
+    for (case, credentials) in [
+        ("wrong-password", credentials("not-the-password")),
+        ("no-credentials", None),
+    ] {
+        let state_dir = dir.path().join(case);
+        let mut refused = follow_with(SourceConfig {
+            credentials,
+            ..source(port, &state_dir)
+        });
+        wait_for(&mut refused.status, "the refusal", |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|error| error.contains("authorization"))
+        })
+        .await;
+        assert_never_synced(&refused, &state_dir).await;
+        let error = refused.status.borrow().last_error.clone();
+        assert!(
+            error.as_deref().is_some_and(
+                |error| error.contains("authorization") && !error.contains("not-the-password")
+            ),
+            "{case}: {error:?}"
+        );
+        refused.shutdown.cancel();
+    }
+    following.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn follows_the_hub_through_a_leaf_node_by_jetstream_domain() {
+    const DOMAIN: &str = "ployz";
+    const LEAF_USER: &str = "leafuser";
+    const LEAF_PASSWORD: &str = "leaf-secret-1234";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (hub_port, hub_leaf_port, leaf_port) = (free_port(), free_port(), free_port());
+    let hub_config = format!(
+        r#"
+        server_name: "hub"
+        listen: "127.0.0.1:{hub_port}"
+        jetstream {{ store_dir: "{store}", domain: "{DOMAIN}" }}
+        authorization {{
+            users = [
+                {{ user: "{USER}", password: "{PASSWORD}" }}
+                {{ user: "{LEAF_USER}", password: "{LEAF_PASSWORD}" }}
+            ]
+        }}
+        leafnodes {{ listen: "127.0.0.1:{hub_leaf_port}" }}
+        "#,
+        store = dir.path().join("hub-store").display(),
+    );
+    // The leaf has no JetStream; its clients authenticate too.
+    let leaf_config = format!(
+        r#"
+        server_name: "leaf"
+        listen: "127.0.0.1:{leaf_port}"
+        authorization {{ users = [ {{ user: "{USER}", password: "{PASSWORD}" }} ] }}
+        leafnodes {{
+            remotes = [
+                {{ urls: ["nats-leaf://{LEAF_USER}:{LEAF_PASSWORD}@127.0.0.1:{hub_leaf_port}"] }}
+            ]
+        }}
+        "#
+    );
+    let _hub = Nats::with_config(dir.path(), "hub", &hub_config, hub_port).await;
+    let _leaf = Nats::with_config(dir.path(), "leaf", &leaf_config, leaf_port).await;
+
+    // Written on the hub, as ployzd on a core machine writes commits.
+    let store = create_bucket(authenticated_client(hub_port).await).await;
+    put(&store, "shop", 1, "leaf.test").await;
+
+    let state_dir = dir.path().join("state");
+    let mut following = follow_with(SourceConfig {
+        credentials: credentials(PASSWORD),
+        jetstream_domain: Some(DOMAIN.to_owned()),
+        ..source(leaf_port, &state_dir)
+    });
+    wait_for(
+        &mut following.snapshots,
+        "the table through the leaf",
+        |s| s.origin == Origin::Store,
+    )
+    .await;
+    // The commit's key was read from the delivered subject: still `$KV.ployz.<key>`.
+    assert_eq!(
+        served(&following.snapshots.borrow()),
+        vec![("shop".to_owned(), 1, "leaf.test".to_owned())]
+    );
+    assert!(following.status.borrow().in_sync);
+
+    // New commits on the hub keep arriving through the leaf.
+    put(&store, "shop", 2, "leaf-two.test").await;
+    wait_for(
+        &mut following.snapshots,
+        "commit shop/2 through the leaf",
+        |s| s.table.namespaces.get("shop").is_some_and(|ns| ns.seq == 2),
+    )
+    .await;
+    assert_eq!(
+        served(&following.snapshots.borrow()),
+        vec![("shop".to_owned(), 2, "leaf-two.test".to_owned())]
+    );
+    let saved = load_last_good(&state_dir)
+        .expect("readable")
+        .expect("saved");
+    assert_eq!(saved.namespaces["shop"].seq, 2);
+
+    // Without the domain the leaf has no JetStream to offer: never in sync.
+    let no_domain_dir = dir.path().join("no-domain");
+    let mut no_domain = follow_with(SourceConfig {
+        credentials: credentials(PASSWORD),
+        ..source(leaf_port, &no_domain_dir)
+    });
+    wait_for(&mut no_domain.status, "the missing JetStream", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|error| error.contains("needs `jetstream_domain`"))
+    })
+    .await;
+    assert_never_synced(&no_domain, &no_domain_dir).await;
+
+    no_domain.shutdown.cancel();
+    following.shutdown.cancel();
+}
+
+/// A leaf machine's gateway and DNS start before its leaf server is admitted
+/// by the hub: the follower must catch up once the leaf connection is up.
+#[tokio::test]
+async fn a_follower_started_before_the_leaf_connects_catches_up() {
+    const DOMAIN: &str = "ployz";
+    const LEAF_USER: &str = "leafuser";
+    const LEAF_PASSWORD: &str = "leaf-secret-1234";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (hub_port, hub_leaf_port, leaf_port) = (free_port(), free_port(), free_port());
+    let hub_config = format!(
+        r#"
+        server_name: "hub"
+        listen: "127.0.0.1:{hub_port}"
+        jetstream {{ store_dir: "{store}", domain: "{DOMAIN}" }}
+        authorization {{
+            users = [
+                {{ user: "{USER}", password: "{PASSWORD}" }}
+                {{ user: "{LEAF_USER}", password: "{LEAF_PASSWORD}" }}
+            ]
+        }}
+        leafnodes {{ listen: "127.0.0.1:{hub_leaf_port}" }}
+        "#,
+        store = dir.path().join("hub-store").display(),
+    );
+    let leaf_config = format!(
+        r#"
+        server_name: "leaf"
+        listen: "127.0.0.1:{leaf_port}"
+        leafnodes {{
+            remotes = [
+                {{ urls: ["nats-leaf://{LEAF_USER}:{LEAF_PASSWORD}@127.0.0.1:{hub_leaf_port}"] }}
+            ]
+        }}
+        "#
+    );
+    // The hub runs and holds a commit, but does not admit the leaf yet.
+    let without_leaf = hub_config.replace(
+        &format!("{{ user: \"{LEAF_USER}\", password: \"{LEAF_PASSWORD}\" }}"),
+        "",
+    );
+    assert_ne!(without_leaf, hub_config);
+    let hub = Nats::with_config(dir.path(), "hub", &without_leaf, hub_port).await;
+    let store = create_bucket(authenticated_client(hub_port).await).await;
+    put(&store, "shop", 1, "late.test").await;
+    let _leaf = Nats::with_config(dir.path(), "leaf", &leaf_config, leaf_port).await;
+    let state_dir = dir.path().join("state");
+    let mut following = follow_with(SourceConfig {
+        jetstream_domain: Some(DOMAIN.to_owned()),
+        ..source(leaf_port, &state_dir)
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Admitted by a reload, as ployzd admits a new leaf machine.
+    std::fs::write(dir.path().join("hub.conf"), &hub_config).expect("write hub config");
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &hub.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "SIGHUP the hub");
+    wait_for(
+        &mut following.snapshots,
+        "the table through a leaf connected late",
+        |s| s.table.namespaces.get("shop").is_some_and(|ns| ns.seq == 1),
+    )
+    .await;
     following.shutdown.cancel();
 }

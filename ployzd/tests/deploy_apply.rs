@@ -393,7 +393,10 @@ struct Fleet {
 impl Fleet {
     async fn new() -> Self {
         use ployzd::{
-            machine::{MachineRecord, Membership, NetworkName, records::MachineMesh},
+            machine::{
+                MachineRecord, Membership, NetworkName,
+                records::{MachineMesh, StoreRole},
+            },
             mesh::addressing::SubnetIndex,
             store::RecordStore,
         };
@@ -422,6 +425,7 @@ impl Fleet {
                         .parse()
                         .expect("an address"),
                 }),
+                store_role: StoreRole::Core,
             };
             store
                 .create(

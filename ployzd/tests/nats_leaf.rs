@@ -105,8 +105,8 @@ impl Network {
         NatsUser::new("system", "system-password-4567")
     }
 
-    /// Core server `index`, routing to the other two and admitting `leaf_users`.
-    fn core_config(&self, index: usize, leaf_users: &[NatsUser]) -> NatsSidecarConfig {
+    /// Core server `index`, routing to the other two and accepting leaf servers.
+    fn core_config(&self, index: usize) -> NatsSidecarConfig {
         let name = format!("core-{index}");
         let mut config = NatsSidecarConfig::new(binary(), self.dir.path().join(&name), name);
         config.listen = self.core[index].client;
@@ -122,7 +122,6 @@ impl Network {
             listen: self.core[index].leafnodes,
             local_user: Self::local_user(),
             system_user: Self::system_user(),
-            leaf_users: leaf_users.to_vec(),
         }));
         config
     }
@@ -143,9 +142,12 @@ impl Network {
     async fn start_core(&self, leaf_users: &[NatsUser]) -> (Vec<NatsSidecar>, NatsStore) {
         let mut servers = Vec::new();
         for index in 0..self.core.len() {
-            let server = NatsSidecar::ensure(self.core_config(index, leaf_users))
+            let server = NatsSidecar::ensure(self.core_config(index))
                 .await
                 .expect("core nats-server starts");
+            server
+                .set_leaf_users(leaf_users.to_vec())
+                .expect("leaf users set");
             servers.push(server);
         }
         let mut config = NatsStoreConfig::new(servers[0].client_url());
@@ -449,12 +451,22 @@ async fn a_wrong_password_is_refused_and_a_removed_user_is_cut_off() {
         .await
         .expect("put through the leaf");
 
-    // Remove the user from every core server's config and reload each.
-    for (index, server) in core.iter().enumerate() {
-        let without = network.core_config(index, std::slice::from_ref(&other_user));
-        let file = network.dir.path().join(format!("core-{index}/nats.conf"));
-        fs::write(&file, without.render().expect("renders")).expect("write config");
-        kill(server.status().pid.expect("core server runs"), libc::SIGHUP);
+    // Remove the user from every core server, which reloads in place.
+    for server in &core {
+        let pid = server.status().pid;
+        assert!(
+            server
+                .set_leaf_users(vec![other_user.clone()])
+                .expect("reload"),
+            "the list changed"
+        );
+        assert!(
+            !server
+                .set_leaf_users(vec![other_user.clone()])
+                .expect("reload"),
+            "the same list again changes nothing"
+        );
+        assert_eq!(server.status().pid, pid, "reloaded, not replaced");
     }
     for index in 0..core.len() {
         let server = format!("core-{index}");

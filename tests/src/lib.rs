@@ -120,6 +120,7 @@ pub struct Node {
     pub mesh_port: u16,
     /// NATS's cluster port, on the node's overlay address.
     pub nats_cluster_port: u16,
+    pub nats_leaf_port: u16,
     /// The peer API's port on the node's overlay address.
     pub mesh_api_port: u16,
 }
@@ -139,6 +140,7 @@ impl Node {
             mesh_interface: format!("pzn{:08x}", rand_u32()),
             mesh_port: free_udp_port(),
             nats_cluster_port: free_port(),
+            nats_leaf_port: free_port(),
             mesh_api_port: free_port(),
         }
     }
@@ -172,6 +174,7 @@ impl Node {
                 "PLOYZ_NATS_CLUSTER_PORT",
                 self.nats_cluster_port.to_string(),
             )
+            .env("PLOYZ_NATS_LEAF_PORT", self.nats_leaf_port.to_string())
             .env("PLOYZ_MESH_API_PORT", self.mesh_api_port.to_string())
             // Nodes share the machine's Docker engine: their containers stay
             // on its default bridge instead of each creating an overlay

@@ -779,9 +779,9 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         last.as_ref().map(describe).unwrap_or_default()
     );
 
-    // A fourth machine joins the running cluster as one more route peer:
-    // the store keeps three copies over four servers, and the newcomer
-    // reaches the others over the overlay.
+    // A fourth machine joins beyond the core: a leaf of the store. Its NATS
+    // runs no JetStream and connects to the core servers with a user of its
+    // own; the store keeps its three copies on the three core machines.
     let added = machine_add(&cluster, one, &[four], &key);
     assert!(
         added.status.success(),
@@ -790,8 +790,13 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     );
     let result: Value = serde_json::from_slice(&added.stdout).expect("machine add JSON");
     assert_eq!(result[0]["outcome"], "added", "{result}");
-    assert_eq!(result[0]["store_servers"], 4, "{result}");
+    assert_eq!(result[0]["store_role"], "leaf", "{result}");
+    assert_eq!(result[0]["store_servers"], 3, "{result}");
     assert_eq!(result[0]["store_replicas"], 3, "{result}");
+    let four_id = result[0]["machine_id"]
+        .as_str()
+        .expect("machine 4's id")
+        .to_owned();
     let fourth = overlay_address(four);
     wait_until(
         Duration::from_secs(10),
@@ -799,11 +804,109 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         || pings(one, &fourth),
     )
     .expect("machine 1 pings machine 4 over the overlay");
+
+    let leaf_config = std::fs::read_to_string(four.ployz_dir().join("data/nats/nats.conf"))
+        .expect("machine 4's NATS config");
+    assert!(
+        leaf_config.contains(&format!("\"nats-leaf://{four_id}:"))
+            && !leaf_config.contains("jetstream")
+            && !leaf_config.contains("cluster {"),
+        "machine 4 is no leaf:\n{leaf_config}"
+    );
+    // It holds no route credential: removing it later can revoke all it has.
+    let route_secret = |host: &Host| -> Value {
+        let identity =
+            std::fs::read_to_string(host.ployz_dir().join("data/identity.json")).expect("identity");
+        let identity: Value = serde_json::from_str(&identity).expect("identity JSON");
+        identity["mesh"]["route_secret"].clone()
+    };
+    assert!(
+        route_secret(one).is_string(),
+        "machine 1 has the credential"
+    );
+    assert!(
+        route_secret(four).is_null(),
+        "a leaf got the route credential"
+    );
+    // Every core server admits machine 4's user, and only by a reload.
+    for host in [one, two, three] {
+        let users = std::fs::read_to_string(host.ployz_dir().join("data/nats/users.conf"))
+            .expect("a core server's user list");
+        assert!(
+            users.contains(&format!("{{ user: \"{four_id}\", password: ")),
+            "{} does not admit machine 4:\n{users}",
+            host.name()
+        );
+        let log = std::fs::read_to_string(host.ployz_dir().join("data/nats/nats.log"))
+            .unwrap_or_default();
+        assert!(
+            log.contains("Reloaded: authorization users"),
+            "{} did not reload its users",
+            host.name()
+        );
+    }
+
+    // The store works through the leaf: `machine ls` on machine 4 lists the
+    // four machines and their parts, and writes go through.
     let listed = ployzctl_json(four, &["machine", "ls"]);
     let machines = listed["machines"].as_array().expect("machines");
     assert_eq!(machines.len(), 4, "{listed}");
     assert!(
         machines.iter().all(|m| m["membership"] == "active"),
         "{listed}"
+    );
+    for machine in machines {
+        let expected = if machine["id"] == four_id.as_str() {
+            "leaf"
+        } else {
+            "core"
+        };
+        assert_eq!(machine["store_role"], expected, "{listed}");
+    }
+    let write = ployzctl_json(four, &["mesh", "init", NETWORK]);
+    assert_eq!(write["outcome"], "already_initialized", "{write}");
+
+    // Machine 4's gateway and DNS follow the deploy commits through the
+    // leaf: its gateway reaches the replicas on machines 1, 2 and 3, and its
+    // DNS answers their three addresses.
+    let hostnames: std::collections::BTreeSet<String> = across
+        .containers
+        .iter()
+        .map(|id| id[..12].to_owned())
+        .collect();
+    let mut answered = std::collections::BTreeSet::new();
+    let reached = wait_until(Duration::from_secs(30), "machine 4's gateway", || {
+        let output = four.exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-H",
+            "Host: across.test",
+            "http://127.0.0.1/",
+        ]);
+        if output.status.success() {
+            answered.insert(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+        }
+        answered == hostnames
+    });
+    assert!(
+        reached.is_ok(),
+        "replicas answering through machine 4's gateway: {answered:?}, expected {hostnames:?}"
+    );
+    let dug = four.exec(&[
+        "dig",
+        "@127.0.0.1",
+        "+short",
+        "+time=2",
+        "+tries=1",
+        "AAAA",
+        "web.across.ployz.internal",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&dug.stdout).lines().count(),
+        3,
+        "dig on machine 4: {}",
+        describe(&dug)
     );
 }

@@ -44,6 +44,7 @@ pub async fn run(
                             m.hostname.clone(),
                             m.network.clone(),
                             m.membership.clone(),
+                            m.store_role.clone(),
                             m.observed.clone(),
                             if m.overlay_address.is_empty() {
                                 "-".to_owned()
@@ -60,6 +61,7 @@ pub async fn run(
                         "HOSTNAME",
                         "NETWORK",
                         "MEMBERSHIP",
+                        "STORE",
                         "OBSERVED",
                         "OVERLAY",
                         "JOINED",

@@ -43,7 +43,7 @@ const DEFAULT_BIN_DIR: &str = "/usr/local/lib/ployz/bin";
 const SSH_CONNECT_TIMEOUT_SECS: u32 = 10;
 /// Ports a fresh target must have free: WireGuard (UDP), NATS and the peer API (TCP).
 const UDP_PORTS: [u16; 1] = [51820];
-const TCP_PORTS: [u16; 3] = [4722, 4723, 4724];
+const TCP_PORTS: [u16; 4] = [4722, 4723, 4724, 4725];
 
 /// What `machine add` reports per target.
 #[derive(Debug, Serialize)]
@@ -59,6 +59,8 @@ pub struct AddResult {
     pub handshake_unix_ms: u64,
     pub store_servers: u32,
     pub store_replicas: u32,
+    /// `core` or `leaf`: its part in the replicated store.
+    pub store_role: String,
     /// Binaries copied (those whose checksum differed).
     pub installed: Vec<String>,
 }
@@ -169,7 +171,7 @@ fn emit_results(context: &Context<'_>, results: &[AddResult]) {
                 "added"
             };
             text.push_str(&format!(
-                "{}: {what}\n  machine   {} ({})\n  overlay   {} (subnet {})\n  endpoint  {}\n  handshake {}\n  store     {} servers, {} replicas\n",
+                "{}: {what}\n  machine   {} ({})\n  overlay   {} (subnet {})\n  endpoint  {}\n  handshake {}\n  store     {} ({} servers, {} replicas)\n",
                 result.target,
                 result.machine_id,
                 result.hostname,
@@ -177,6 +179,7 @@ fn emit_results(context: &Context<'_>, results: &[AddResult]) {
                 result.subnet,
                 result.endpoint,
                 crate::output::timestamp(result.handshake_unix_ms),
+                result.store_role,
                 result.store_servers,
                 result.store_replicas,
             ));
@@ -529,6 +532,7 @@ impl Adder<'_> {
                 overlay_address: machine.overlay_address,
                 subnet: machine.subnet,
                 endpoint: machine.endpoint,
+                store_role: machine.store_role,
                 handshake_unix_ms: 0,
                 store_servers: 0,
                 store_replicas: 0,
@@ -538,8 +542,8 @@ impl Adder<'_> {
         self.step(
             "admit",
             &format!(
-                "subnet {} claimed, address {}",
-                machine.subnet, machine.overlay_address
+                "subnet {} claimed, address {}, store {}",
+                machine.subnet, machine.overlay_address, machine.store_role
             ),
         );
 
@@ -581,6 +585,7 @@ impl Adder<'_> {
             overlay_address: machine.overlay_address,
             subnet: machine.subnet,
             endpoint: machine.endpoint,
+            store_role: machine.store_role,
             handshake_unix_ms: activated.handshake_unix_ms,
             store_servers: activated.store_servers,
             store_replicas: activated.store_replicas,

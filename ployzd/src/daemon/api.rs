@@ -669,6 +669,7 @@ fn machine_entry(record: &crate::machine::MachineRecord, observed: &str) -> v1::
             .map(|endpoint| endpoint.to_string())
             .unwrap_or_default(),
         public_key: mesh.map(|mesh| mesh.public_key.clone()).unwrap_or_default(),
+        store_role: record.store_role.as_str().to_owned(),
     }
 }
 

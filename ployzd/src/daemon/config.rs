@@ -36,6 +36,10 @@ pub struct DaemonArgs {
     /// The NATS cluster (route) port, on this machine's overlay address.
     #[arg(long, env = "PLOYZ_NATS_CLUSTER_PORT", value_name = "PORT")]
     pub nats_cluster_port: Option<u16>,
+    /// The port core machines' NATS accepts other machines' leaf servers
+    /// on, on this machine's overlay address.
+    #[arg(long, env = "PLOYZ_NATS_LEAF_PORT", value_name = "PORT")]
+    pub nats_leaf_port: Option<u16>,
     /// The overlay's TUN interface.
     #[arg(long, env = "PLOYZ_MESH_INTERFACE", value_name = "NAME")]
     pub mesh_interface: Option<String>,
@@ -156,6 +160,7 @@ struct FileNatsConfig {
     port: Option<u16>,
     monitor_port: Option<u16>,
     cluster_port: Option<u16>,
+    leaf_port: Option<u16>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -253,6 +258,9 @@ pub struct NatsConfig {
     /// The route port other machines' servers connect to, on this machine's
     /// overlay address only.
     pub cluster_port: u16,
+    /// The port a core machine's server accepts leaf servers on (the
+    /// machines beyond the first three), on its overlay address only.
+    pub leaf_port: u16,
 }
 
 /// The default NATS client port. Not 4222, so a Ployz machine can also run an
@@ -260,6 +268,8 @@ pub struct NatsConfig {
 pub const DEFAULT_NATS_PORT: u16 = 4722;
 /// The default NATS cluster (route) port.
 pub const DEFAULT_NATS_CLUSTER_PORT: u16 = 4723;
+/// The default port core machines accept leaf servers on.
+pub const DEFAULT_NATS_LEAF_PORT: u16 = 4725;
 
 /// How long a crashed operation blocks a retry by default.
 pub const DEFAULT_OPERATION_LEASE_TTL: Duration = Duration::from_secs(30);
@@ -309,6 +319,10 @@ impl DaemonConfig {
                     .nats_cluster_port
                     .or(file.nats.cluster_port)
                     .unwrap_or(DEFAULT_NATS_CLUSTER_PORT),
+                leaf_port: args
+                    .nats_leaf_port
+                    .or(file.nats.leaf_port)
+                    .unwrap_or(DEFAULT_NATS_LEAF_PORT),
             },
             storage: StorageConfig {
                 backend: StorageBackend::Dir,
@@ -448,6 +462,11 @@ impl DaemonConfig {
         if self.nats.cluster_port == 0 {
             return Err(ConfigError::InvalidPort {
                 key: "nats.cluster_port",
+            });
+        }
+        if self.nats.leaf_port == 0 {
+            return Err(ConfigError::InvalidPort {
+                key: "nats.leaf_port",
             });
         }
         if self.mesh.listen_port == 0 {

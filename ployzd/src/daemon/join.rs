@@ -29,8 +29,9 @@ use crate::{
     coordination::{Begin, OperationId, OperationRun, StepStatus},
     error_chain,
     machine::{
-        LocalIdentity, MachineRecord, Membership, NetworkName, identity::MeshIdentity,
-        records::MachineMesh,
+        LocalIdentity, MachineRecord, Membership, NetworkName,
+        identity::{LeafIdentity, MeshIdentity, NatsPassword},
+        records::{MachineMesh, StoreRole},
     },
     mesh::{
         addressing::{OverlayPrefix, SubnetIndex, claim_subnet},
@@ -66,9 +67,14 @@ pub struct JoinTicket {
     /// NATS cluster addresses of the members, for the new server's routes.
     pub routes: Vec<SocketAddr>,
     /// The network's route credential, which the new server presents and
-    /// requires; it travels only in the ticket, over SSH.
+    /// requires; it travels only in the ticket, over SSH. Only core machines
+    /// get it.
     #[serde(default)]
     pub route_secret: Option<String>,
+    /// For a machine joining as a leaf of the store: the core servers' leaf
+    /// listeners and its own password there. `None` for a core machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaf: Option<LeafIdentity>,
 }
 
 /// A machine about to join: the id it announced, kept so a retry reuses it.
@@ -261,6 +267,7 @@ impl Daemon {
                         subnet: ticket.subnet,
                         routes: ticket.routes.clone(),
                         route_secret: ticket.route_secret.clone(),
+                        leaf: ticket.leaf.clone(),
                     }),
                 };
                 identity
@@ -323,13 +330,9 @@ impl Daemon {
             "hostname": hostname,
             "local_endpoint_ip": local_endpoint_ip,
         });
-        // The operation record keeps the ticket without the route secret
-        // (anyone who lists operations reads records); the answer has it.
-        let route_secret = runtime
-            .identity
-            .mesh
-            .as_ref()
-            .and_then(|mesh| mesh.route_secret.as_deref());
+        // The operation record keeps the ticket without its secrets (anyone
+        // who lists operations reads records); the answer has them.
+        let mesh = runtime.identity.mesh.as_ref();
         let run = match runtime
             .journal
             .begin(&operation, "machine_admit", &request)
@@ -338,7 +341,7 @@ impl Daemon {
         {
             Begin::Replay(record) => {
                 let mut finished: Finished<Admitted> = replay(record)?;
-                finished.result.ticket = with_route_secret(&finished.result.ticket, route_secret)?;
+                finished.result.ticket = with_secrets(&finished.result.ticket, mesh)?;
                 return Ok(finished);
             }
             Begin::Run(run) => run,
@@ -353,7 +356,7 @@ impl Daemon {
             )
             .await
             .and_then(|mut admitted| {
-                admitted.ticket = with_route_secret(&admitted.ticket, None)?;
+                admitted.ticket = with_secrets(&admitted.ticket, None)?;
                 Ok(admitted)
             });
         let mut finished = finish(run, "admit", admitted, |admitted| {
@@ -370,7 +373,7 @@ impl Daemon {
             )
         })
         .await?;
-        finished.result.ticket = with_route_secret(&finished.result.ticket, route_secret)?;
+        finished.result.ticket = with_secrets(&finished.result.ticket, mesh)?;
         Ok(finished)
     }
 
@@ -445,6 +448,41 @@ impl Daemon {
             self.record_own_endpoint(&runtime, SocketAddr::new(ip, self.config.mesh.listen_port))
                 .await?;
         }
+        // The first three machines are the store's core; every later one
+        // joins as a leaf, admitted by a user derived from the route secret
+        // (which only core machines hold, so only they can add machines
+        // once the core is full).
+        let members = list_members(store).await?;
+        let cores = members
+            .iter()
+            .filter(|member| member.id != machine_id && member.store_role == StoreRole::Core)
+            .count();
+        let store_role = if cores >= STORE_REPLICAS {
+            if runtime
+                .identity
+                .mesh
+                .as_ref()
+                .and_then(|mesh| mesh.route_secret.as_ref())
+                .is_none()
+            {
+                let core: Vec<&str> = members
+                    .iter()
+                    .filter(|member| member.store_role == StoreRole::Core)
+                    .map(|member| member.id.as_str())
+                    .collect();
+                return Err(ApiError::new(
+                    ErrorClass::PreconditionFailed,
+                    "not_a_core_machine",
+                    format!(
+                        "this machine is a leaf of the store and cannot admit machines; run `ployzctl machine add` on a core machine ({})",
+                        core.join(", ")
+                    ),
+                ));
+            }
+            StoreRole::Leaf
+        } else {
+            StoreRole::Core
+        };
         let subnet = claim_subnet(store, runtime.mesh.mesh.prefix, machine_id, now_unix_ms())
             .await
             .map_err(|error| {
@@ -462,8 +500,9 @@ impl Daemon {
                 subnet: subnet.index(),
                 overlay_address: subnet.machine_address(),
             }),
+            store_role,
         };
-        let record = match store
+        let record: MachineRecord = match store
             .create(&key, encode(&key, &record).map_err(store_error)?)
             .await
         {
@@ -484,7 +523,7 @@ impl Daemon {
             Err(error) => return Err(store_error(error)),
         };
         let members = list_members(store).await?;
-        sync_peers(
+        let peers = sync_peers(
             store,
             &runtime.mesh,
             &runtime.identity.machine_id,
@@ -492,6 +531,37 @@ impl Daemon {
         )
         .await
         .map_err(|error| ApiError::new(ErrorClass::Unavailable, "mesh_peers", error))?;
+        // This machine's server admits a new leaf at once; the other core
+        // servers follow the record.
+        if let Some(hub) = super::HubUsers::for_sidecar(&runtime.identity, &runtime.nats) {
+            hub.apply(&peers);
+        }
+        let active_cores = || {
+            members
+                .iter()
+                .filter(|m| m.id != machine_id && m.membership == Membership::Active)
+                .filter(|m| m.store_role == StoreRole::Core)
+                .filter_map(|m| m.mesh.as_ref())
+                .map(|mesh| IpAddr::V6(mesh.overlay_address))
+        };
+        let (routes, leaf) = match record.store_role {
+            StoreRole::Core => (
+                active_cores()
+                    .map(|address| SocketAddr::new(address, self.config.nats.cluster_port))
+                    .collect(),
+                None,
+            ),
+            StoreRole::Leaf => (
+                Vec::new(),
+                Some(LeafIdentity {
+                    hubs: active_cores()
+                        .map(|address| SocketAddr::new(address, self.config.nats.leaf_port))
+                        .collect(),
+                    // Filled in by `with_secrets` below, never recorded.
+                    password: String::new(),
+                }),
+            ),
+        };
         let ticket = JoinTicket {
             network: runtime.identity.network.clone(),
             cluster_id: runtime.identity.cluster_id.clone(),
@@ -499,25 +569,13 @@ impl Daemon {
             prefix: runtime.mesh.mesh.prefix,
             subnet: subnet.index(),
             peers: known_peers(machine_id, &members),
-            routes: members
-                .iter()
-                .filter(|m| m.id != machine_id && m.membership == Membership::Active)
-                .filter_map(|m| m.mesh.as_ref())
-                .map(|mesh| {
-                    SocketAddr::new(
-                        IpAddr::V6(mesh.overlay_address),
-                        self.config.nats.cluster_port,
-                    )
-                })
-                .collect(),
-            route_secret: runtime
-                .identity
-                .mesh
-                .as_ref()
-                .and_then(|mesh| mesh.route_secret.clone()),
+            routes,
+            route_secret: None,
+            leaf,
         };
         let ticket = serde_json::to_string(&ticket)
             .map_err(|error| ApiError::new(ErrorClass::Internal, "ticket", error.to_string()))?;
+        let ticket = with_secrets(&ticket, runtime.identity.mesh.as_ref())?;
         Ok(Admitted {
             outcome: "admitted".to_owned(),
             ticket,
@@ -710,12 +768,21 @@ impl Daemon {
         let key = key.clone();
         let store = &runtime.store;
         let members = list_members(store).await?;
+        let role = members
+            .iter()
+            .find(|m| m.id == machine_id)
+            .map(|m| m.store_role)
+            .unwrap_or_default();
         let servers = members
             .iter()
+            .filter(|m| m.store_role == StoreRole::Core)
             .filter(|m| m.membership == Membership::Active || m.id == machine_id)
             .count();
         let mut replicas = store.replicas().await.map_err(store_error)?;
-        if servers >= STORE_REPLICAS && replicas < STORE_REPLICAS {
+        if role == StoreRole::Leaf {
+            self.wait_for_leaf(runtime, machine_id, deadline, timeout)
+                .await?;
+        } else if servers >= STORE_REPLICAS && replicas < STORE_REPLICAS {
             // Placing three replicas needs three servers in the cluster:
             // success proves the new machine's server joined.
             loop {
@@ -785,6 +852,58 @@ impl Daemon {
         })
     }
 
+    /// Waits until machine `machine_id`'s leaf server is connected to a core
+    /// server: proof that it was admitted and reaches the store.
+    async fn wait_for_leaf(
+        &self,
+        runtime: &super::ClusterRuntime,
+        machine_id: &str,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        let system = runtime
+            .identity
+            .mesh
+            .as_ref()
+            .and_then(|mesh| mesh.nats_password(NatsPassword::System, &runtime.identity.machine_id))
+            .map(|password| crate::store::nats::NatsCredentials {
+                user: super::SYSTEM_USER.to_owned(),
+                password,
+            })
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorClass::PreconditionFailed,
+                    "not_a_core_machine",
+                    "only a core machine of the store can activate a leaf machine",
+                )
+            })?;
+        let url = runtime.nats.client_url();
+        loop {
+            let last = match crate::store::nats::connected_leaves(
+                &url,
+                &system,
+                Duration::from_millis(500),
+            )
+            .await
+            {
+                Ok(leaves) if leaves.iter().any(|leaf| leaf == machine_id) => return Ok(()),
+                Ok(leaves) => format!("connected leaf servers: {leaves:?}"),
+                Err(error) => error_chain(&error),
+            };
+            if Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    ErrorClass::Unavailable,
+                    "leaf_join_timeout",
+                    format!(
+                        "machine {machine_id}'s NATS leaf server did not connect to a core server within {timeout:?} ({last}); check that TCP port {} is open on the overlay",
+                        self.config.nats.leaf_port
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// Turns this machine's standalone NATS into a cluster with the server at
     /// `route`. JetStream cannot adopt a standalone server's streams into a
     /// cluster, so the store moves: everything is exported (and written to
@@ -822,7 +941,7 @@ impl Daemon {
         // Stop serving from the standalone store.
         runtime.follower.cancel();
         *self.cluster.write().await = super::ClusterState::Degraded {
-            identity: standalone.clone(),
+            identity: Box::new(standalone.clone()),
             reason: "turning NATS into a cluster with a joining machine".to_owned(),
         };
         let internal = |code: &'static str, message: String| {
@@ -894,10 +1013,10 @@ impl Daemon {
     }
 }
 
-/// Records `result` as the operation's last step and its outcome.
-/// `ticket` (JSON; empty when none was issued) with its route secret set to
-/// `secret`.
-fn with_route_secret(ticket: &str, secret: Option<&str>) -> Result<String, ApiError> {
+/// `ticket` (JSON; empty when none was issued) with its secrets taken from
+/// `mesh`: the route secret for a core machine, its own password for a leaf
+/// machine. Without `mesh`, with none (as operation records keep tickets).
+fn with_secrets(ticket: &str, mesh: Option<&MeshIdentity>) -> Result<String, ApiError> {
     if ticket.is_empty() {
         return Ok(String::new());
     }
@@ -909,10 +1028,19 @@ fn with_route_secret(ticket: &str, secret: Option<&str>) -> Result<String, ApiEr
         )
     };
     let mut parsed: JoinTicket = serde_json::from_str(ticket).map_err(broken)?;
-    parsed.route_secret = secret.map(str::to_owned);
+    match parsed.leaf.as_mut() {
+        Some(leaf) => {
+            parsed.route_secret = None;
+            leaf.password = mesh
+                .and_then(|mesh| mesh.nats_password(NatsPassword::Leaf, &parsed.machine_id))
+                .unwrap_or_default();
+        }
+        None => parsed.route_secret = mesh.and_then(|mesh| mesh.route_secret.clone()),
+    }
     serde_json::to_string(&parsed).map_err(broken)
 }
 
+/// Records `result` as the operation's last step and its outcome.
 async fn finish<T: Serialize>(
     mut run: OperationRun<NatsStore>,
     step: &str,
@@ -963,6 +1091,7 @@ mod tests {
             peers: known_peers("m-2", &[member("m-1", 1, Membership::Active)]),
             routes: vec!["[fd12:3456:789a:1::1]:4723".parse().expect("route")],
             route_secret: Some("c0ffee".to_owned()),
+            leaf: None,
         }
     }
 
@@ -978,17 +1107,61 @@ mod tests {
         assert!(serde_json::from_str::<JoinTicket>(&tampered).is_err());
     }
 
+    fn mesh() -> MeshIdentity {
+        MeshIdentity {
+            prefix: "fd12:3456:789a::/48".parse().expect("prefix"),
+            subnet: SubnetIndex::new(1).expect("index"),
+            routes: Vec::new(),
+            route_secret: Some("c0ffee".to_owned()),
+            leaf: None,
+        }
+    }
+
     #[test]
     fn a_recorded_ticket_drops_the_route_secret_and_a_replay_restores_it() {
         let ticket = ticket();
         let text = serde_json::to_string(&ticket).expect("encode");
-        let recorded = with_route_secret(&text, None).expect("redacted");
+        let recorded = with_secrets(&text, None).expect("redacted");
         assert!(!recorded.contains("c0ffee"), "{recorded}");
-        let replayed = with_route_secret(&recorded, Some("c0ffee")).expect("restored");
+        let replayed = with_secrets(&recorded, Some(&mesh())).expect("restored");
         assert_eq!(
             serde_json::from_str::<JoinTicket>(&replayed).expect("decode"),
             ticket
         );
-        assert_eq!(with_route_secret("", Some("c0ffee")).expect("none"), "");
+        assert_eq!(with_secrets("", Some(&mesh())).expect("none"), "");
+    }
+
+    #[test]
+    fn a_leaf_ticket_carries_its_own_password_and_never_the_route_secret() {
+        let mut leaf = ticket();
+        leaf.routes.clear();
+        leaf.leaf = Some(LeafIdentity {
+            hubs: vec!["[fd12:3456:789a:1::1]:4725".parse().expect("hub")],
+            password: String::new(),
+        });
+        let text = serde_json::to_string(&leaf).expect("encode");
+        let issued: JoinTicket =
+            serde_json::from_str(&with_secrets(&text, Some(&mesh())).expect("issued"))
+                .expect("decode");
+        assert_eq!(issued.route_secret, None, "a leaf gets no route secret");
+        let password = issued.leaf.as_ref().expect("leaf").password.clone();
+        assert_eq!(
+            Some(password.clone()),
+            mesh().nats_password(NatsPassword::Leaf, "m-2"),
+            "the password every core server derives for m-2"
+        );
+        assert_ne!(
+            mesh().nats_password(NatsPassword::Leaf, "m-3"),
+            Some(password.clone()),
+            "each machine has its own"
+        );
+        let recorded = with_secrets(&text, None).expect("redacted");
+        assert!(!recorded.contains(&password), "{recorded}");
+        assert!(!recorded.contains("c0ffee"), "{recorded}");
+        // A replay derives the same password again.
+        assert_eq!(
+            with_secrets(&recorded, Some(&mesh())).expect("replayed"),
+            with_secrets(&text, Some(&mesh())).expect("issued")
+        );
     }
 }

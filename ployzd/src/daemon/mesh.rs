@@ -73,6 +73,11 @@ pub struct KnownPeer {
     pub public_key: String,
     pub endpoint: Option<SocketAddr>,
     pub subnet: SubnetIndex,
+    /// Its NATS server is a leaf: a core server admits it as a user. Kept
+    /// in the cache so a core server restarted before the store answers
+    /// admits the leaf machines it admitted before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaf: bool,
 }
 
 /// One peer in `mesh status`.
@@ -169,16 +174,19 @@ impl Daemon {
     /// Keeps the tunnel's peers equal to the membership records: applies
     /// them on every change under `machines.`, and gives a restarted tunnel
     /// (the supervisor brought it back empty) its device settings and peers.
+    /// On a core machine, it also keeps the leaf users its NATS server
+    /// admits equal to the leaf machines among the records.
     pub(super) fn follow_membership(
         &self,
         store: NatsStore,
         mesh: Arc<MeshRuntime>,
+        hub: Option<super::HubUsers>,
         self_id: String,
         shutdown: CancellationToken,
     ) {
         let cache = self.peer_cache_path();
         self.tasks.spawn(async move {
-            follow(store, mesh, self_id, cache, shutdown).await;
+            follow(store, mesh, hub, self_id, cache, shutdown).await;
         });
     }
 
@@ -356,6 +364,7 @@ pub(super) fn known_peers(self_id: &str, members: &[MachineRecord]) -> Vec<Known
                 public_key: mesh.public_key.clone(),
                 endpoint: mesh.endpoint,
                 subnet: mesh.subnet,
+                leaf: member.store_role == crate::machine::records::StoreRole::Leaf,
             })
         })
         .collect()
@@ -374,13 +383,14 @@ fn peer_specs(prefix: OverlayPrefix, peers: &[KnownPeer]) -> Vec<PeerSpec> {
         .collect()
 }
 
-/// Applies the membership records to the tunnel and caches them on disk.
+/// Applies the membership records to the tunnel and caches them on disk;
+/// answers the peers applied.
 pub(super) async fn sync_peers(
     store: &NatsStore,
     mesh: &MeshRuntime,
     self_id: &str,
     cache: &std::path::Path,
-) -> Result<(), String> {
+) -> Result<Vec<KnownPeer>, String> {
     let members = list_members(store).await.map_err(|error| error.message)?;
     if !members.iter().any(|member| member.id == self_id) {
         // A store that does not list this machine is not (yet) this
@@ -404,12 +414,32 @@ pub(super) async fn sync_peers(
     if read_peer_cache(cache) != peers {
         write_json(cache, &peers).map_err(|error| error.message)?;
     }
-    Ok(())
+    Ok(peers)
+}
+
+/// Applies the membership records to the tunnel and, on a core machine, to
+/// the leaf users its NATS server admits.
+async fn sync_members(
+    store: &NatsStore,
+    mesh: &MeshRuntime,
+    hub: Option<&super::HubUsers>,
+    self_id: &str,
+    cache: &std::path::Path,
+) {
+    match sync_peers(store, mesh, self_id, cache).await {
+        Ok(peers) => {
+            if let Some(hub) = hub {
+                hub.apply(&peers);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot apply membership to the overlay"),
+    }
 }
 
 async fn follow(
     store: NatsStore,
     mesh: Arc<MeshRuntime>,
+    hub: Option<super::HubUsers>,
     self_id: String,
     cache: PathBuf,
     shutdown: CancellationToken,
@@ -427,17 +457,13 @@ async fn follow(
                 }
             }
         };
-        if let Err(error) = sync_peers(&store, &mesh, &self_id, &cache).await {
-            tracing::warn!(%error, "cannot apply membership to the overlay");
-        }
+        sync_members(&store, &mesh, hub.as_ref(), &self_id, &cache).await;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 event = watch.next() => match event {
                     Some(Ok(_)) => {
-                        if let Err(error) = sync_peers(&store, &mesh, &self_id, &cache).await {
-                            tracing::warn!(%error, "cannot apply membership to the overlay");
-                        }
+                        sync_members(&store, &mesh, hub.as_ref(), &self_id, &cache).await;
                     }
                     Some(Err(_)) | None => break,
                 },
@@ -463,7 +489,7 @@ async fn follow(
     }
 }
 
-fn read_peer_cache(path: &std::path::Path) -> Vec<KnownPeer> {
+pub(super) fn read_peer_cache(path: &std::path::Path) -> Vec<KnownPeer> {
     read_json(path).unwrap_or_default()
 }
 
@@ -552,6 +578,7 @@ pub(super) mod tests {
                 subnet: subnet.index(),
                 overlay_address: subnet.machine_address(),
             }),
+            store_role: crate::machine::records::StoreRole::Core,
         }
     }
 
@@ -587,6 +614,7 @@ pub(super) mod tests {
             public_key: "not base64!".to_owned(),
             endpoint: None,
             subnet: SubnetIndex::new(9).expect("index"),
+            leaf: false,
         }];
         let prefix: OverlayPrefix = "fd12:3456:789a::/48".parse().expect("prefix");
         assert!(peer_specs(prefix, &peers).is_empty());

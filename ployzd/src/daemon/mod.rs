@@ -32,17 +32,20 @@ pub use self::{
 pub use crate::error_chain;
 use crate::{
     coordination::Journal,
-    machine::{IdentityError, LocalIdentity},
+    machine::{IdentityError, LocalIdentity, identity::NatsPassword},
     runtime::{ContainerRuntime, ContainerState, docker::DockerRuntime, labels},
     services::{
         SidecarError,
-        nats::{NatsClusterConfig, NatsSidecar, NatsSidecarConfig},
+        nats::{
+            NatsClusterConfig, NatsHubConfig, NatsLeafConfig, NatsLeafnodes, NatsSidecar,
+            NatsSidecarConfig, NatsUser,
+        },
         routing::{RoutingSidecar, RoutingSidecarConfig, find_routing_binary},
     },
     storage::VolumeBackend,
     store::{
         StoreError,
-        nats::{NatsStore, NatsStoreConfig},
+        nats::{NatsCredentials, NatsStore, NatsStoreConfig},
     },
 };
 
@@ -91,7 +94,7 @@ enum ClusterState {
     Uninitialized,
     /// An identity exists but its sidecars or store could not be brought up.
     Degraded {
-        identity: LocalIdentity,
+        identity: Box<LocalIdentity>,
         reason: String,
     },
     Ready(Arc<ClusterRuntime>),
@@ -336,7 +339,7 @@ impl Daemon {
             Ok(sidecars) => sidecars,
             Err(error) => {
                 *self.cluster.write().await = ClusterState::Degraded {
-                    identity: identity.clone(),
+                    identity: Box::new(identity.clone()),
                     reason: error_chain(&error),
                 };
                 return Err(error);
@@ -346,7 +349,7 @@ impl Daemon {
             Ok(runtime) => Ok(runtime),
             Err(error) => {
                 *self.cluster.write().await = ClusterState::Degraded {
-                    identity: sidecars.identity.clone(),
+                    identity: Box::new(sidecars.identity.clone()),
                     reason: format!(
                         "waiting for the store (its cluster may not have a quorum yet): {}",
                         error_chain(&error)
@@ -382,6 +385,11 @@ impl Daemon {
             Some(nats) if nats.config() == &nats_config => nats.clone(),
             _ => {
                 let nats = Arc::new(NatsSidecar::ensure(nats_config).await?);
+                // Until the store answers, a core server admits the leaf
+                // machines this machine last knew of.
+                if let Some(hub) = HubUsers::for_sidecar(&identity, &nats) {
+                    hub.apply(&mesh::read_peer_cache(&self.peer_cache_path()));
+                }
                 tracing::info!(status = ?nats.status(), "NATS sidecar ready");
                 let supervised = nats.clone();
                 let shutdown = self.shutdown.clone();
@@ -398,8 +406,11 @@ impl Daemon {
         })
     }
 
-    /// What NATS must look like for `identity`: standalone until the machine
-    /// has routes to others, then clustered over the overlay.
+    /// What NATS must look like for `identity`. A core machine runs
+    /// JetStream, standalone until the machine has routes to others, then
+    /// clustered over the overlay, and accepts the leaf servers of the
+    /// machines beyond the core on its overlay address; a leaf machine runs a
+    /// leaf server connected to the core servers.
     fn nats_config(
         &self,
         identity: &LocalIdentity,
@@ -412,25 +423,39 @@ impl Daemon {
         );
         nats_config.listen = SocketAddr::new(self.config.nats.host, self.config.nats.port);
         nats_config.monitor_port = self.config.nats.monitor_port;
-        let routes = identity
-            .mesh
-            .as_ref()
-            .map(|mesh| mesh.routes.clone())
-            .unwrap_or_default();
-        if !routes.is_empty() {
+        let Some(mesh_identity) = identity.mesh.as_ref() else {
+            return Ok(nats_config);
+        };
+        if let Some(leaf) = &mesh_identity.leaf {
+            nats_config.leafnodes = Some(NatsLeafnodes::Leaf(NatsLeafConfig {
+                hubs: leaf.hubs.clone(),
+                user: NatsUser::new(identity.machine_id.clone(), leaf.password.clone()),
+            }));
+            return Ok(nats_config);
+        }
+        let overlay = std::net::IpAddr::V6(mesh.overlay_address());
+        if !mesh_identity.routes.is_empty() {
             nats_config.cluster = Some(NatsClusterConfig {
                 name: identity.cluster_id.clone(),
-                listen: SocketAddr::new(
-                    std::net::IpAddr::V6(mesh.overlay_address()),
-                    self.config.nats.cluster_port,
-                ),
-                routes,
-                authorization: identity
-                    .mesh
-                    .as_ref()
-                    .and_then(|mesh| mesh.route_secret.clone())
-                    .map(|secret| crate::services::nats::NatsUser::new(ROUTE_USER, secret)),
+                listen: SocketAddr::new(overlay, self.config.nats.cluster_port),
+                routes: mesh_identity.routes.clone(),
+                authorization: mesh_identity
+                    .route_secret
+                    .clone()
+                    .map(|secret| NatsUser::new(ROUTE_USER, secret)),
             });
+        }
+        // Users need the route secret, which networks founded before routes
+        // were authenticated lack: those run without users and take no leaves.
+        let local = mesh_identity.nats_password(NatsPassword::Local, &identity.machine_id);
+        let system = mesh_identity.nats_password(NatsPassword::System, &identity.machine_id);
+        if let (Some(local), Some(system)) = (local, system) {
+            nats_config.jetstream_domain = Some(JETSTREAM_DOMAIN.to_owned());
+            nats_config.leafnodes = Some(NatsLeafnodes::Hub(NatsHubConfig {
+                listen: SocketAddr::new(overlay, self.config.nats.leaf_port),
+                local_user: NatsUser::new(LOCAL_USER, local),
+                system_user: NatsUser::new(SYSTEM_USER, system),
+            }));
         }
         Ok(nats_config)
     }
@@ -441,8 +466,11 @@ impl Daemon {
         sidecars: &Sidecars,
         timeout: Duration,
     ) -> Result<Arc<ClusterRuntime>, BringUpError> {
-        let mut store_config = NatsStoreConfig::new(sidecars.nats.client_url());
+        let client = NatsClient::of(&sidecars.nats);
+        let mut store_config = NatsStoreConfig::new(client.url.clone());
         store_config.startup_timeout = timeout;
+        store_config.credentials = client.credentials.clone();
+        store_config.jetstream_domain = client.jetstream_domain.clone();
         let store = NatsStore::connect(store_config).await?;
         self.finish_store_move(&store).await?;
         let mut state = self.cluster.write().await;
@@ -455,13 +483,14 @@ impl Daemon {
         self.follow_membership(
             store.clone(),
             sidecars.mesh.clone(),
+            HubUsers::for_sidecar(&sidecars.identity, &sidecars.nats),
             sidecars.identity.machine_id.clone(),
             follower.clone(),
         );
         let routing = {
             let mut started = self.routing.lock().await;
             if started.is_empty() {
-                *started = self.start_routing(&sidecars.nats.client_url()).await;
+                *started = self.start_routing(&client).await;
             }
             started.clone()
         };
@@ -521,16 +550,17 @@ impl Daemon {
             routes: Vec::new(),
             // Still alone in its network: no other machine holds a credential yet.
             route_secret: Some(crate::machine::identity::MeshIdentity::new_route_secret()),
+            leaf: None,
         });
         upgraded.store(&self.config.data_dir)?;
         tracing::info!("gave this machine's identity its overlay prefix and subnet");
         Ok(upgraded)
     }
 
-    /// Adopts or starts the gateway and DNS, following the store at
-    /// `nats_url`. One that cannot start is reported in `status` and does not
+    /// Adopts or starts the gateway and DNS, following the store through
+    /// `nats`. One that cannot start is reported in `status` and does not
     /// keep the rest of the machine down.
-    async fn start_routing(&self, nats_url: &str) -> RoutingSidecars {
+    async fn start_routing(&self, nats: &NatsClient) -> RoutingSidecars {
         let mut started = Vec::new();
         for component in routing::Component::ALL {
             let ensured = async {
@@ -542,7 +572,7 @@ impl Daemon {
                     component.process(),
                     binary,
                     component.dir(&self.config),
-                    component.render(&self.config, nats_url),
+                    component.render(&self.config, nats),
                     component.admin_socket(&self.config),
                 );
                 RoutingSidecar::ensure(config).await
@@ -615,6 +645,94 @@ pub enum BringUpError {
 
 /// The user name NATS routes authenticate as (with the network's route secret).
 const ROUTE_USER: &str = "ployz-route";
+/// The user a core machine's own clients connect to its NATS server as.
+const LOCAL_USER: &str = "ployz-local";
+/// A core server's system-account user.
+const SYSTEM_USER: &str = "ployz-system";
+/// The core servers' JetStream domain; clients on a leaf server reach the
+/// store only through it.
+pub(crate) const JETSTREAM_DOMAIN: &str = "ployz";
+
+/// How this machine's own clients (its ployzd, gateway and DNS) use its NATS
+/// server: with the local user on a core server, through the core's domain on
+/// a leaf server.
+#[derive(Clone, Debug)]
+pub(crate) struct NatsClient {
+    pub url: String,
+    pub credentials: Option<NatsCredentials>,
+    pub jetstream_domain: Option<String>,
+}
+
+impl NatsClient {
+    fn of(nats: &NatsSidecar) -> Self {
+        let config = nats.config();
+        let (credentials, jetstream_domain) = match &config.leafnodes {
+            Some(NatsLeafnodes::Hub(hub)) => (
+                Some(NatsCredentials {
+                    user: hub.local_user.name.clone(),
+                    password: hub.local_user.password.clone(),
+                }),
+                None,
+            ),
+            Some(NatsLeafnodes::Leaf(_)) => (None, Some(JETSTREAM_DOMAIN.to_owned())),
+            None => (None, None),
+        };
+        Self {
+            url: nats.client_url(),
+            credentials,
+            jetstream_domain,
+        }
+    }
+}
+
+/// The leaf users a core machine's NATS server admits: one per leaf
+/// machine, its password derived from the route secret.
+pub(super) struct HubUsers {
+    nats: Arc<NatsSidecar>,
+    mesh: crate::machine::identity::MeshIdentity,
+}
+
+impl HubUsers {
+    /// `None` unless `nats` is a core server accepting leaf servers.
+    fn for_sidecar(identity: &LocalIdentity, nats: &Arc<NatsSidecar>) -> Option<Self> {
+        let mesh = identity.mesh.clone()?;
+        matches!(nats.config().leafnodes, Some(NatsLeafnodes::Hub(_))).then(|| Self {
+            nats: nats.clone(),
+            mesh,
+        })
+    }
+
+    /// The users for the leaf machines among `peers`.
+    fn users(&self, peers: &[mesh::KnownPeer]) -> Vec<NatsUser> {
+        peers
+            .iter()
+            .filter(|peer| peer.leaf)
+            .filter_map(|peer| {
+                let password = self
+                    .mesh
+                    .nats_password(NatsPassword::Leaf, &peer.machine_id)?;
+                Some(NatsUser::new(peer.machine_id.clone(), password))
+            })
+            .collect()
+    }
+
+    /// Makes the server admit exactly the leaf machines among `peers`,
+    /// reloading it in place when that changes anything. A failure is
+    /// logged: the server keeps the users it had.
+    fn apply(&self, peers: &[mesh::KnownPeer]) {
+        let users = self.users(peers);
+        let names: Vec<String> = users.iter().map(|user| user.name.clone()).collect();
+        match self.nats.set_leaf_users(users) {
+            Ok(true) => {
+                tracing::info!(leaves = ?names, "NATS admits the leaf machines of the network")
+            }
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "cannot update the leaf machines NATS admits")
+            }
+        }
+    }
+}
 
 /// Lets the kernel forward IPv6 between the overlay and the container bridge.
 fn enable_ipv6_forwarding() -> std::io::Result<()> {

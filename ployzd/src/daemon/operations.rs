@@ -291,7 +291,7 @@ impl Daemon {
                 routing: Vec::new(),
             },
             ClusterState::Degraded { identity, reason } => StatusFacts {
-                identity: Some(identity.clone()),
+                identity: Some((**identity).clone()),
                 network: None,
                 machines: None,
                 nats: None,

@@ -69,9 +69,16 @@ impl Component {
         self.dir(config).join("admin.sock")
     }
 
-    fn source(self, config: &DaemonConfig, nats_url: &str) -> SourceConfig {
+    fn source(self, config: &DaemonConfig, nats: &super::NatsClient) -> SourceConfig {
         SourceConfig {
-            nats_url: Some(nats_url.to_owned()),
+            nats_url: Some(nats.url.clone()),
+            credentials: nats.credentials.as_ref().map(|credentials| {
+                ployz_routing::config::NatsCredentials {
+                    user: credentials.user.clone(),
+                    password: credentials.password.clone(),
+                }
+            }),
+            jetstream_domain: nats.jetstream_domain.clone(),
             bucket: "ployz".to_owned(),
             state_dir: self.dir(config).join("state"),
             admin_socket: self.admin_socket(config),
@@ -79,8 +86,8 @@ impl Component {
     }
 
     /// The process's config file, rendered.
-    pub fn render(self, config: &DaemonConfig, nats_url: &str) -> String {
-        let source = self.source(config, nats_url);
+    pub(crate) fn render(self, config: &DaemonConfig, nats: &super::NatsClient) -> String {
+        let source = self.source(config, nats);
         match self {
             Component::Gateway => ployz_routing::config::render(&GatewayConfig {
                 source,

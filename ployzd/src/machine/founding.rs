@@ -83,6 +83,7 @@ pub async fn ensure_membership_records<S: RecordStore>(
         membership: Membership::Active,
         joined_at_unix_ms: now_unix_ms,
         mesh,
+        store_role: crate::machine::records::StoreRole::Core,
     };
     let machine_written = create_or_check(
         store,

@@ -81,9 +81,63 @@ pub struct MeshIdentity {
     /// Absent on networks founded before routes were authenticated.
     #[serde(default)]
     pub route_secret: Option<String>,
+    /// On a leaf machine: how its leaf server reaches the core servers.
+    /// Absent on core machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaf: Option<LeafIdentity>,
+}
+
+/// What a leaf machine's NATS server needs: the core servers' leaf listeners
+/// and its own password there (its user is its machine id). A leaf machine
+/// holds no route secret, so removing it can revoke everything it held.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeafIdentity {
+    pub hubs: Vec<std::net::SocketAddr>,
+    pub password: String,
+}
+
+impl std::fmt::Debug for LeafIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeafIdentity")
+            .field("hubs", &self.hubs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a password derived from the route secret is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatsPassword {
+    /// A leaf machine's user at every core server.
+    Leaf,
+    /// A core machine's own clients (ployzd, the gateway, DNS) at its server.
+    Local,
+    /// A core machine's system-account user, which lists and closes leaf connections.
+    System,
 }
 
 impl MeshIdentity {
+    /// The NATS password for `purpose` and `machine_id`, derived from the
+    /// route secret: every core machine computes the same one, so none is
+    /// stored, and a leaf machine learns only its own, from its ticket.
+    /// `None` without a route secret (leaf machines, and networks founded
+    /// before routes were authenticated).
+    pub fn nats_password(&self, purpose: NatsPassword, machine_id: &str) -> Option<String> {
+        use sha2::Digest as _;
+        let secret = self.route_secret.as_deref()?;
+        let label = match purpose {
+            NatsPassword::Leaf => "leaf",
+            NatsPassword::Local => "local",
+            NatsPassword::System => "system",
+        };
+        let mut hasher = sha2::Sha256::new();
+        for part in ["ployz-nats-password", label, machine_id, secret] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part.as_bytes());
+        }
+        Some(hex::encode(hasher.finalize()))
+    }
+
     /// A fresh route credential for a network being founded.
     pub fn new_route_secret() -> String {
         hex::encode(rand::random::<[u8; 32]>())
@@ -107,6 +161,7 @@ impl LocalIdentity {
                 subnet,
                 routes: Vec::new(),
                 route_secret: Some(MeshIdentity::new_route_secret()),
+                leaf: None,
             }),
         }
     }

@@ -62,6 +62,34 @@ pub struct MachineRecord {
     /// before the mesh existed.
     #[serde(default)]
     pub mesh: Option<MachineMesh>,
+    /// How its NATS server takes part in the store; decided when it is
+    /// admitted and never changed. Records written before leaf servers
+    /// existed read as core.
+    #[serde(default)]
+    pub store_role: StoreRole,
+}
+
+/// A machine's part in the replicated store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreRole {
+    /// One of the first machines: a server of the JetStream cluster, holding
+    /// a copy of the store. A network has at most three.
+    #[default]
+    Core,
+    /// A machine beyond the core: a leaf server without JetStream, connected
+    /// to the core servers with its own user; its clients use the store
+    /// through it.
+    Leaf,
+}
+
+impl StoreRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreRole::Core => "core",
+            StoreRole::Leaf => "leaf",
+        }
+    }
 }
 
 /// A member's place in the overlay.

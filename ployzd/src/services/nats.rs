@@ -29,7 +29,7 @@ use super::{
     process::Pid,
     sidecar::{
         FileNames, Probe, ProcessConfig, Sidecar, SidecarKind, absolute, check_configured_binary,
-        create_dir, first_executable, path_candidates,
+        create_dir, first_executable, path_candidates, write_atomically,
     },
 };
 
@@ -55,6 +55,8 @@ const FILE_NAMES: FileNames = FileNames {
     pid: None,
 };
 const PID_FILE: &str = "nats.pid";
+/// A core server's user list, included by `nats.conf` and reloaded in place.
+const USERS_FILE: &str = "users.conf";
 /// The server log, written by nats-server itself (`log_file`).
 const LOG_FILE: &str = "nats.log";
 const STORE_DIR: &str = "jetstream";
@@ -172,6 +174,11 @@ pub enum NatsLeafnodes {
 /// this machine's own clients connect as [`Self::local_user`]. A reload
 /// refuses the removed user's next connection but leaves its live one open;
 /// [`Self::system_user`] may close it (`$SYS.REQ.SERVER.<id>.KICK`).
+///
+/// That list lives in its own file (`users.conf`, included by `nats.conf`),
+/// outside the sidecar's identity: leaf machines come and go by
+/// [`NatsSidecar::set_leaf_users`], which rewrites it and reloads the running
+/// server in place instead of replacing it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NatsHubConfig {
     /// Where other machines' leaf servers connect: this machine's overlay address.
@@ -181,9 +188,6 @@ pub struct NatsHubConfig {
     /// A user of the system account (`$SYS`): it lists the leaf connections
     /// (`$SYS.REQ.SERVER.PING.LEAFZ`) and closes a revoked machine's one.
     pub system_user: NatsUser,
-    /// One user per leaf machine, issued when the machine joins. Removing one
-    /// and reloading refuses that machine's leaf server from then on.
-    pub leaf_users: Vec<NatsUser>,
 }
 
 /// A leaf server's connection to the core servers.
@@ -260,6 +264,7 @@ pub fn find_binary(configured: Option<&Path>) -> Result<PathBuf, SidecarError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct NatsFiles {
     pid: PathBuf,
+    users: PathBuf,
     log: PathBuf,
     store: PathBuf,
 }
@@ -268,6 +273,7 @@ impl NatsFiles {
     fn in_dir(dir: &Path) -> Self {
         Self {
             pid: dir.join(PID_FILE),
+            users: dir.join(USERS_FILE),
             log: dir.join(LOG_FILE),
             store: dir.join(STORE_DIR),
         }
@@ -284,6 +290,8 @@ struct NatsKind {
     rendered: String,
     /// Where to connect: the listen address, or loopback when it is unspecified.
     client_addr: SocketAddr,
+    /// A core server's leaf users as last set: what `users.conf` holds.
+    leaf_users: std::sync::Mutex<Vec<NatsUser>>,
 }
 
 impl NatsKind {
@@ -306,7 +314,22 @@ impl NatsKind {
             files,
             rendered,
             client_addr,
+            leaf_users: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Writes `users.conf` for `leaf_users` when it says something else;
+    /// true when it did. Does nothing on servers that are no hub.
+    fn write_users(&self, leaf_users: &[NatsUser]) -> Result<bool, SidecarError> {
+        let Some(NatsLeafnodes::Hub(hub)) = &self.config.leafnodes else {
+            return Ok(false);
+        };
+        let text = render_users(hub, leaf_users)?;
+        if std::fs::read_to_string(&self.files.users).ok().as_deref() == Some(text.as_str()) {
+            return Ok(false);
+        }
+        write_atomically(&self.files.users, text.as_bytes())?;
+        Ok(true)
     }
 
     fn process_config(&self) -> ProcessConfig {
@@ -358,6 +381,13 @@ impl SidecarKind for NatsKind {
     fn prepare_start(&self) -> Result<(), SidecarError> {
         if !self.config.is_leaf() {
             create_dir(&self.files.store)?;
+        }
+        {
+            let leaf_users = self
+                .leaf_users
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.write_users(&leaf_users)?;
         }
         ensure_port_free(self.config.listen)?;
         if let Some(monitor) = self.monitor_addr() {
@@ -547,8 +577,9 @@ fn render_user(user: &NatsUser) -> String {
     )
 }
 
-/// Appends a core server's user lists and its `leafnodes` listener. Leaf
-/// users are sorted by name, so the same set always renders the same text.
+/// Appends a core server's system account, the include of its user list
+/// (`users.conf` beside `nats.conf`, which [`render_users`] writes) and its
+/// `leafnodes` listener.
 fn render_hub(text: &mut String, hub: &NatsHubConfig) -> Result<(), SidecarError> {
     if hub.listen.port() == 0 {
         return Err(SidecarError::InvalidConfig {
@@ -558,23 +589,12 @@ fn render_hub(text: &mut String, hub: &NatsHubConfig) -> Result<(), SidecarError
     }
     check_user("leafnodes.local_user", &hub.local_user)?;
     check_user("leafnodes.system_user", &hub.system_user)?;
-    let mut leaf_users: Vec<&NatsUser> = hub.leaf_users.iter().collect();
-    leaf_users.sort_by(|a, b| a.name.cmp(&b.name));
-    for user in &leaf_users {
-        check_user("leafnodes.leaf_users", user)?;
-    }
-    let mut names = std::collections::BTreeSet::new();
-    for user in [&hub.local_user, &hub.system_user]
-        .into_iter()
-        .chain(leaf_users.iter().copied())
-    {
-        if !names.insert(user.name.as_str()) {
-            // nats-server refuses a config naming a user twice.
-            return Err(SidecarError::InvalidConfig {
-                field: "leafnodes.leaf_users",
-                reason: format!("user `{}` is named twice", user.name),
-            });
-        }
+    if hub.local_user.name == hub.system_user.name {
+        // nats-server refuses a config naming a user twice.
+        return Err(SidecarError::InvalidConfig {
+            field: "leafnodes.system_user",
+            reason: format!("user `{}` is named twice", hub.system_user.name),
+        });
     }
     text.push_str(concat!(
         "\n# The system account's user lists and closes leaf connections: a reload\n",
@@ -589,19 +609,13 @@ fn render_hub(text: &mut String, hub: &NatsHubConfig) -> Result<(), SidecarError
         "\n# One list for clients and leaf servers: nats-server reloads a change of\n",
         "# this list, not of a list in the leafnodes block. Users bind to the global\n",
         "# account, where the store lives. Never no_auth_user, which would also admit a\n",
-        "# leaf server that brings no credentials.\n",
+        "# leaf server that brings no credentials. The list changes as leaf machines\n",
+        "# come and go, so it is a file of its own, rewritten and reloaded in place.\n",
         "authorization {\n",
-        "  users = [\n",
-        "    # This machine's own clients.\n",
     ));
-    text.push_str(&format!("    {}\n", render_user(&hub.local_user)));
-    if !leaf_users.is_empty() {
-        text.push_str("    # The leaf servers of other machines, one user each.\n");
-    }
-    for user in leaf_users {
-        text.push_str(&format!("    {}\n", render_user(user)));
-    }
-    text.push_str("  ]\n}\n");
+    // nats-server resolves an include against the including file's directory.
+    text.push_str(&format!("  include \"{USERS_FILE}\"\n"));
+    text.push_str("}\n");
     text.push_str(concat!(
         "\n# Leaf servers of the machines beyond the core connect here, over the\n",
         "# overlay. Not advertised: each leaf knows every core server already.\n",
@@ -614,6 +628,43 @@ fn render_hub(text: &mut String, hub: &NatsHubConfig) -> Result<(), SidecarError
     text.push_str("  no_advertise: true\n");
     text.push_str("}\n");
     Ok(())
+}
+
+/// The text of a core server's `users.conf`: this machine's own clients'
+/// user, then one user per leaf machine, sorted by name so the same set
+/// always renders the same text.
+fn render_users(hub: &NatsHubConfig, leaf_users: &[NatsUser]) -> Result<String, SidecarError> {
+    check_user("leafnodes.local_user", &hub.local_user)?;
+    let mut leaf_users: Vec<&NatsUser> = leaf_users.iter().collect();
+    leaf_users.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut names = std::collections::BTreeSet::new();
+    names.insert(hub.local_user.name.as_str());
+    names.insert(hub.system_user.name.as_str());
+    for user in &leaf_users {
+        check_user("leaf_users", user)?;
+        if !names.insert(user.name.as_str()) {
+            // nats-server refuses a config naming a user twice.
+            return Err(SidecarError::InvalidConfig {
+                field: "leaf_users",
+                reason: format!("user `{}` is named twice", user.name),
+            });
+        }
+    }
+    let mut text = String::from(
+        "# Rendered by ployzd (services::nats); do not edit. Included by nats.conf;\n\
+         # rewritten and reloaded in place as leaf machines come and go.\n\
+         users = [\n\
+         \x20 # This machine's own clients.\n",
+    );
+    text.push_str(&format!("  {}\n", render_user(&hub.local_user)));
+    if !leaf_users.is_empty() {
+        text.push_str("  # The leaf servers of other machines, one user each.\n");
+    }
+    for user in leaf_users {
+        text.push_str(&format!("  {}\n", render_user(user)));
+    }
+    text.push_str("]\n");
+    Ok(text)
 }
 
 /// Appends a leaf server's `leafnodes` block: one remote listing every core
@@ -903,6 +954,39 @@ impl NatsSidecar {
     pub async fn stop(&self) -> Result<(), SidecarError> {
         self.sidecar.stop().await
     }
+
+    /// Makes a core server admit exactly `leaf_users` (besides this machine's
+    /// own clients): rewrites `users.conf` and has the running server reload
+    /// it (SIGHUP) when the list changed. True when it changed. A removed
+    /// user's next connection is refused; a connection it has open stays
+    /// until closed through the system account. Refused on servers that
+    /// accept no leaf servers.
+    pub fn set_leaf_users(&self, leaf_users: Vec<NatsUser>) -> Result<bool, SidecarError> {
+        let kind = self.sidecar.kind();
+        if !matches!(kind.config.leafnodes, Some(NatsLeafnodes::Hub(_))) {
+            return Err(SidecarError::InvalidConfig {
+                field: "leafnodes",
+                reason: "only a core server accepting leaf servers has leaf users".to_owned(),
+            });
+        }
+        let mut current = kind
+            .leaf_users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = kind.write_users(&leaf_users)?;
+        *current = leaf_users;
+        if changed && let Some(pid) = self.status().pid {
+            // A process gone meanwhile reads the new file when restarted.
+            super::process::send_signal(pid, libc::SIGHUP).map_err(|source| {
+                SidecarError::Signal {
+                    pid,
+                    signal: "SIGHUP",
+                    source,
+                }
+            })?;
+        }
+        Ok(changed)
+    }
 }
 
 #[cfg(test)]
@@ -1015,17 +1099,7 @@ mod tests {
             hub_config(),
             NatsSidecarConfig {
                 leafnodes: Some(NatsLeafnodes::Hub(NatsHubConfig {
-                    leaf_users: vec![NatsUser::new("m-4", "pw-4")],
-                    ..hub()
-                })),
-                ..hub_config()
-            },
-            NatsSidecarConfig {
-                leafnodes: Some(NatsLeafnodes::Hub(NatsHubConfig {
-                    leaf_users: vec![
-                        NatsUser::new("m-4", "pw-4-new"),
-                        NatsUser::new("m-5", "pw-5"),
-                    ],
+                    system_user: NatsUser::new("system", "another-system-pw"),
                     ..hub()
                 })),
                 ..hub_config()
@@ -1217,7 +1291,6 @@ mod tests {
             listen: "[fd00:0:0:1::1]:7422".parse().expect("listen"),
             local_user: NatsUser::new("ployzd", "local-pw"),
             system_user: NatsUser::new("system", "system-pw"),
-            leaf_users: vec![NatsUser::new("m-5", "pw-5"), NatsUser::new("m-4", "pw-4")],
         }
     }
 
@@ -1271,15 +1344,11 @@ mod tests {
         );
         assert!(
             rendered.contains(
-                "  users = [\n\
-                 \x20   # This machine's own clients.\n\
-                 \x20   { user: \"ployzd\", password: \"local-pw\" }\n\
-                 \x20   # The leaf servers of other machines, one user each.\n\
-                 \x20   { user: \"m-4\", password: \"pw-4\" }\n\
-                 \x20   { user: \"m-5\", password: \"pw-5\" }\n\
-                 \x20 ]\n"
+                "authorization {\n\
+                 \x20 include \"users.conf\"\n\
+                 }\n"
             ),
-            "leaf users sorted by name: {rendered}"
+            "{rendered}"
         );
         assert!(
             rendered.ends_with(
@@ -1291,35 +1360,50 @@ mod tests {
             "{rendered}"
         );
         assert!(!rendered.contains("\nno_auth_user"), "{rendered}");
-        // The order users are given in makes no other server.
-        let mut reordered = hub();
-        reordered.leaf_users.reverse();
-        assert_eq!(
-            hash_of(NatsSidecarConfig {
-                leafnodes: Some(NatsLeafnodes::Hub(reordered)),
-                ..hub_config()
-            }),
-            hash_of(hub_config())
-        );
+        assert!(!rendered.contains("local-pw"), "users live in users.conf");
     }
 
     #[test]
-    fn a_hub_without_leaf_users_still_requires_a_user() {
-        let rendered = NatsKind::new(NatsSidecarConfig {
-            leafnodes: Some(NatsLeafnodes::Hub(NatsHubConfig {
-                leaf_users: vec![],
-                ..hub()
-            })),
-            ..hub_config()
-        })
-        .expect("valid")
-        .rendered;
-        // Without any user nats-server would admit any leaf server.
+    fn a_hub_user_list_holds_its_own_clients_and_the_leaf_users_sorted() {
+        let leaf_users = [NatsUser::new("m-5", "pw-5"), NatsUser::new("m-4", "pw-4")];
+        let text = render_users(&hub(), &leaf_users).expect("valid");
         assert!(
-            rendered.contains("{ user: \"ployzd\", password: \"local-pw\" }\n  ]\n"),
-            "{rendered}"
+            text.ends_with(
+                "users = [\n\
+                 \x20 # This machine's own clients.\n\
+                 \x20 { user: \"ployzd\", password: \"local-pw\" }\n\
+                 \x20 # The leaf servers of other machines, one user each.\n\
+                 \x20 { user: \"m-4\", password: \"pw-4\" }\n\
+                 \x20 { user: \"m-5\", password: \"pw-5\" }\n\
+                 ]\n"
+            ),
+            "{text}"
         );
-        assert!(!rendered.contains("leaf servers of other"), "{rendered}");
+        let mut reversed = leaf_users.clone();
+        reversed.reverse();
+        assert_eq!(render_users(&hub(), &reversed).expect("valid"), text);
+        // Without leaf users the list still requires this machine's user:
+        // with none at all, nats-server would admit any leaf server.
+        let alone = render_users(&hub(), &[]).expect("valid");
+        assert!(
+            alone.ends_with("{ user: \"ployzd\", password: \"local-pw\" }\n]\n"),
+            "{alone}"
+        );
+        for (users, why) in [
+            (vec![NatsUser::new("m-4", "p@ss")], "not URL-safe"),
+            (
+                vec![NatsUser::new("m-4", "a"), NatsUser::new("m-4", "b")],
+                "twice",
+            ),
+            (vec![NatsUser::new("ployzd", "other")], "the local user"),
+            (vec![NatsUser::new("system", "other")], "the system user"),
+        ] {
+            let result = render_users(&hub(), &users);
+            let Err(SidecarError::InvalidConfig { field, .. }) = result else {
+                panic!("expected InvalidConfig ({why}), got {result:?}");
+            };
+            assert_eq!(field, "leaf_users", "{why}");
+        }
     }
 
     #[test]
@@ -1365,10 +1449,12 @@ mod tests {
 
     #[test]
     fn a_users_password_stays_out_of_debug_output() {
-        let debug = format!("{:?}", hub_config());
+        let debug = format!("{:?} {:?}", hub_config(), leaf_config());
         assert!(debug.contains("m-4"), "{debug}");
+        assert!(debug.contains("ployzd"), "{debug}");
         assert!(!debug.contains("pw-4"), "{debug}");
         assert!(!debug.contains("local-pw"), "{debug}");
+        assert!(!debug.contains("system-pw"), "{debug}");
     }
 
     #[test]
@@ -1440,24 +1526,10 @@ mod tests {
             ),
             (
                 with_hub(NatsHubConfig {
-                    leaf_users: vec![NatsUser::new("m-4", "p@ss")],
+                    system_user: NatsUser::new("ployzd", "other"),
                     ..hub()
                 }),
-                "leafnodes.leaf_users",
-            ),
-            (
-                with_hub(NatsHubConfig {
-                    leaf_users: vec![NatsUser::new("m-4", "a"), NatsUser::new("m-4", "b")],
-                    ..hub()
-                }),
-                "leafnodes.leaf_users",
-            ),
-            (
-                with_hub(NatsHubConfig {
-                    leaf_users: vec![NatsUser::new("ployzd", "other")],
-                    ..hub()
-                }),
-                "leafnodes.leaf_users",
+                "leafnodes.system_user",
             ),
             (
                 with_leaf(NatsLeafConfig {

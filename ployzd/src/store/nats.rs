@@ -1010,6 +1010,58 @@ impl EventLog for NatsStore {
 /// Wraps an async-nats failure: [`StoreError::Unavailable`] when it is
 /// transient (connection, timeout, no JetStream leader), [`StoreError::Backend`]
 /// otherwise.
+/// The names of the leaf servers connected to any server of the cluster
+/// behind `url`, asked through the system account (`system` must be one of
+/// its users): `$SYS.REQ.SERVER.PING.LEAFZ`, whose answers arrive from every
+/// server within `wait`.
+pub async fn connected_leaves(
+    url: &str,
+    system: &NatsCredentials,
+    wait: Duration,
+) -> Result<Vec<String>, StoreError> {
+    let client =
+        ConnectOptions::with_user_and_password(system.user.clone(), system.password.clone())
+            .name("ployzd-system")
+            .connection_timeout(wait)
+            .connect(url)
+            .await
+            .map_err(|source| {
+                store_error(
+                    format!("cannot connect to NATS at {url} as the system user"),
+                    source,
+                )
+            })?;
+    let inbox = client.new_inbox();
+    let mut answers = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|source| store_error("cannot subscribe for LEAFZ answers", source))?;
+    client
+        .publish_with_reply("$SYS.REQ.SERVER.PING.LEAFZ", inbox, Bytes::new())
+        .await
+        .map_err(|source| {
+            store_error("cannot ask the servers for their leaf connections", source)
+        })?;
+    let mut names = Vec::new();
+    let deadline = Instant::now() + wait;
+    while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.next()).await {
+        let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&answer.payload) else {
+            continue;
+        };
+        let Some(leafs) = answer["data"]["leafs"].as_array() else {
+            continue;
+        };
+        names.extend(
+            leafs
+                .iter()
+                .filter_map(|leaf| leaf["name"].as_str().map(str::to_owned)),
+        );
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
 fn store_error(context: impl Into<String>, source: impl Into<BoxError>) -> StoreError {
     let context = context.into();
     let source = source.into();

@@ -220,6 +220,8 @@ fn start_server(
             let dns_config = config::DnsConfig {
                 source: config::SourceConfig {
                     nats_url: None,
+                    credentials: None,
+                    jetstream_domain: None,
                     bucket: "ployz".to_owned(),
                     state_dir,
                     admin_socket: scratch.path().join(format!("{name}.sock")),

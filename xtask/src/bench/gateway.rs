@@ -246,6 +246,8 @@ fn start_proxy(
             let gateway_config = config::GatewayConfig {
                 source: config::SourceConfig {
                     nats_url: None,
+                    credentials: None,
+                    jetstream_domain: None,
                     bucket: "ployz".to_owned(),
                     state_dir,
                     admin_socket: scratch.path().join(format!("{name}.sock")),
