@@ -909,4 +909,54 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         "dig on machine 4: {}",
         describe(&dug)
     );
+
+    // No core machine is special to a leaf: cut off the one its leaf server
+    // is connected to, and the leaf connects to another core server and the
+    // store takes writes through it again.
+    let nats_log = |host: &Host| {
+        std::fs::read_to_string(host.ployz_dir().join("data/nats/nats.log")).unwrap_or_default()
+    };
+    let leaf_seen = |host: &Host| {
+        nats_log(host)
+            .lines()
+            .filter(|line| line.contains("Leafnode connection created"))
+            .filter(|line| line.contains(&format!("[{fourth}]:")))
+            .count()
+    };
+    let hub = [one, two, three]
+        .into_iter()
+        .find(|host| leaf_seen(host) > 0)
+        .expect("a core server logged machine 4's leaf connection");
+    let others: Vec<(&Host, usize)> = [one, two, three]
+        .into_iter()
+        .filter(|host| host.name() != hub.name())
+        .map(|host| (host, leaf_seen(host)))
+        .collect();
+    cluster
+        .cut(hub)
+        .expect("cut machine 4's core server off the underlay");
+    let mut last = None;
+    let writable = wait_until(Duration::from_secs(60), "a write through the leaf", || {
+        let output = ployzctl(four, &["--json", "mesh", "init", NETWORK]);
+        let ok = output.status.success()
+            && serde_json::from_slice::<Value>(&output.stdout)
+                .is_ok_and(|write| write["outcome"] == "already_initialized");
+        last = Some(output);
+        ok
+    });
+    assert!(
+        writable.is_ok(),
+        "machine 4 takes no writes without {}: {}",
+        hub.name(),
+        last.as_ref().map(describe).unwrap_or_default()
+    );
+    assert!(
+        others
+            .iter()
+            .any(|(host, before)| leaf_seen(host) > *before),
+        "no other core server took machine 4's leaf connection"
+    );
+    cluster
+        .restore(hub)
+        .expect("put the core server back on the underlay");
 }

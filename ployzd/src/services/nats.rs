@@ -688,6 +688,14 @@ fn render_leaf(text: &mut String, leaf: &NatsLeafConfig) -> Result<(), SidecarEr
         });
     }
     text.push_str(concat!(
+        "\n# A core server cut off (silent, not closed) is given up after three\n",
+        "# unanswered pings five seconds apart, and the next one is tried: the\n",
+        "# default (two minutes, twice) would leave this machine without a store\n",
+        "# for four minutes.\n",
+        "ping_interval: \"5s\"\n",
+        "ping_max: 3\n",
+    ));
+    text.push_str(concat!(
         "\n# A leaf of the core servers: no JetStream here. Clients of this server\n",
         "# reach the core's JetStream through its domain ($JS.<domain>.API). One\n",
         "# connection at a time, to any core server; while there is none, the next\n",
@@ -1413,6 +1421,10 @@ mod tests {
         assert!(!rendered.contains("jetstream"), "{rendered}");
         assert!(!rendered.contains("store_dir"), "{rendered}");
         assert!(!rendered.contains("cluster"), "{rendered}");
+        assert!(
+            rendered.contains("\nping_interval: \"5s\"\nping_max: 3\n"),
+            "{rendered}"
+        );
         assert!(
             rendered.ends_with(
                 "leafnodes {\n\
