@@ -56,7 +56,7 @@ use ployzd::{
     store::{
         EventLog, Key, KeyPrefix, RecordStore, StoreError, WatchEvent,
         lease::Leases,
-        nats::{NatsCredentials, NatsStore, NatsStoreConfig},
+        nats::{NatsCredentials, NatsStore, NatsStoreConfig, close_leaves_except},
     },
 };
 use tempfile::TempDir;
@@ -484,7 +484,8 @@ async fn a_wrong_password_is_refused_and_a_removed_user_is_cut_off() {
         .await
         .expect("a reload alone leaves the leaf connected");
 
-    // The system account closes it; every reconnect is then refused.
+    // The system account closes it; every reconnect is then refused. Each
+    // core server closes its own connections from leaves it no longer admits.
     let system = async_nats::ConnectOptions::with_user_and_password(
         Network::system_user().name,
         Network::system_user().password,
@@ -498,15 +499,24 @@ async fn a_wrong_password_is_refused_and_a_removed_user_is_cut_off() {
         1,
         "one connection per leaf: {connections:?}"
     );
-    for (server, connection) in connections {
-        let body = serde_json::json!({ "cid": connection }).to_string();
-        let answer = system
-            .request(format!("$SYS.REQ.SERVER.{server}.KICK"), body.into())
+    let credentials = NatsCredentials {
+        user: Network::system_user().name,
+        password: Network::system_user().password,
+    };
+    let mut closed = Vec::new();
+    for server in &core {
+        closed.extend(
+            close_leaves_except(
+                &server.client_url(),
+                &credentials,
+                std::slice::from_ref(&other_user.name),
+                Duration::from_millis(500),
+            )
             .await
-            .expect("kick answered");
-        let answer: serde_json::Value = serde_json::from_slice(&answer.payload).expect("JSON");
-        assert!(answer.get("error").is_none(), "kick failed: {answer}");
+            .expect("close the leaf connections no longer admitted"),
+        );
     }
+    assert_eq!(closed, [LEAF_NAME], "exactly the revoked leaf is closed");
     let cut_off = Instant::now();
     eventually("the revoked leaf loses the store", || async {
         matches!(store.get(&record).await, Err(error) if error.is_retryable())
@@ -535,4 +545,36 @@ async fn a_wrong_password_is_refused_and_a_removed_user_is_cut_off() {
     // The core is unaffected.
     let found = core_store.get(&record).await.expect("get").expect("record");
     assert_eq!(found.value, b"four");
+}
+
+/// Right after a leaf server connects, its machine lists the membership
+/// records (what `machine ls` does) again and again: every list answers
+/// promptly, through whichever core server holds the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_through_a_fresh_leaf_answer_promptly() {
+    let network = Network::new();
+    let leaf_user = NatsUser::new("m-4", "m4-password-89ab");
+    let (_core, core_store) = network.start_core(std::slice::from_ref(&leaf_user)).await;
+    for index in 0..5 {
+        core_store
+            .put(&key(&format!("machines.m-{index}")), b"x".to_vec())
+            .await
+            .expect("put on the core");
+    }
+    let leaf = NatsSidecar::ensure(network.leaf_config(LEAF_NAME, leaf_user))
+        .await
+        .expect("leaf nats-server starts");
+    let store = leaf_store(&leaf, SETTLE).await.expect("store on the leaf");
+    let mut slowest = Duration::ZERO;
+    for _ in 0..40 {
+        let started = Instant::now();
+        let listed = timeout(Duration::from_secs(7), store.list(&prefix("machines"))).await;
+        let took = started.elapsed();
+        slowest = slowest.max(took);
+        let listed = listed
+            .unwrap_or_else(|_| panic!("a list through the leaf took over 7 s"))
+            .expect("list through the leaf");
+        assert_eq!(listed.len(), 5);
+    }
+    println!("slowest of 40 lists through a fresh leaf: {slowest:?}");
 }

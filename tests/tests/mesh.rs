@@ -783,6 +783,7 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     // runs no JetStream and connects to the core servers with a user of its
     // own; the store keeps its three copies on the three core machines.
     let added = machine_add(&cluster, one, &[four], &key);
+    let joined = std::time::Instant::now();
     assert!(
         added.status.success(),
         "machine add 4: {}",
@@ -847,8 +848,27 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     }
 
     // The store works through the leaf: `machine ls` on machine 4 lists the
-    // four machines and their parts, and writes go through.
-    let listed = ployzctl_json(four, &["machine", "ls"]);
+    // four machines and their parts, and writes go through. Its first reads
+    // have been seen to stall for some seconds right after the join
+    // (`store_slow`), so they get 30 s, and the wait is printed.
+    let mut last = None;
+    let answered = wait_until(Duration::from_secs(30), "machine ls on machine 4", || {
+        let output = ployzctl(four, &["--json", "machine", "ls"]);
+        let ok = output.status.success();
+        last = Some(output);
+        ok
+    });
+    assert!(
+        answered.is_ok(),
+        "machine ls on machine 4: {}",
+        last.as_ref().map(describe).unwrap_or_default()
+    );
+    println!(
+        "machine ls on the new leaf answered {:?} after machine add returned",
+        joined.elapsed()
+    );
+    let listed: Value =
+        serde_json::from_slice(&last.expect("an answer").stdout).expect("machine ls JSON");
     let machines = listed["machines"].as_array().expect("machines");
     assert_eq!(machines.len(), 4, "{listed}");
     assert!(

@@ -861,22 +861,13 @@ impl Daemon {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<(), ApiError> {
-        let system = runtime
-            .identity
-            .mesh
-            .as_ref()
-            .and_then(|mesh| mesh.nats_password(NatsPassword::System, &runtime.identity.machine_id))
-            .map(|password| crate::store::nats::NatsCredentials {
-                user: super::SYSTEM_USER.to_owned(),
-                password,
-            })
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorClass::PreconditionFailed,
-                    "not_a_core_machine",
-                    "only a core machine of the store can activate a leaf machine",
-                )
-            })?;
+        let system = super::system_credentials(&runtime.identity).ok_or_else(|| {
+            ApiError::new(
+                ErrorClass::PreconditionFailed,
+                "not_a_core_machine",
+                "only a core machine of the store can activate a leaf machine",
+            )
+        })?;
         let url = runtime.nats.client_url();
         loop {
             let last = match crate::store::nats::connected_leaves(

@@ -429,7 +429,7 @@ async fn sync_members(
     match sync_peers(store, mesh, self_id, cache).await {
         Ok(peers) => {
             if let Some(hub) = hub {
-                hub.apply(&peers);
+                hub.apply_and_revoke(&peers).await;
             }
         }
         Err(error) => tracing::warn!(%error, "cannot apply membership to the overlay"),

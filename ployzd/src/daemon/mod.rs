@@ -685,50 +685,102 @@ impl NatsClient {
     }
 }
 
+/// This core machine's system-account user at its NATS server, which lists
+/// and closes leaf connections. `None` without a route secret.
+pub(super) fn system_credentials(identity: &LocalIdentity) -> Option<NatsCredentials> {
+    let password = identity
+        .mesh
+        .as_ref()?
+        .nats_password(NatsPassword::System, &identity.machine_id)?;
+    Some(NatsCredentials {
+        user: SYSTEM_USER.to_owned(),
+        password,
+    })
+}
+
 /// The leaf users a core machine's NATS server admits: one per leaf
 /// machine, its password derived from the route secret.
 pub(super) struct HubUsers {
     nats: Arc<NatsSidecar>,
-    mesh: crate::machine::identity::MeshIdentity,
+    identity: LocalIdentity,
 }
 
 impl HubUsers {
     /// `None` unless `nats` is a core server accepting leaf servers.
     fn for_sidecar(identity: &LocalIdentity, nats: &Arc<NatsSidecar>) -> Option<Self> {
-        let mesh = identity.mesh.clone()?;
+        identity.mesh.as_ref()?;
         matches!(nats.config().leafnodes, Some(NatsLeafnodes::Hub(_))).then(|| Self {
             nats: nats.clone(),
-            mesh,
+            identity: identity.clone(),
         })
     }
 
     /// The users for the leaf machines among `peers`.
     fn users(&self, peers: &[mesh::KnownPeer]) -> Vec<NatsUser> {
+        let Some(mesh) = self.identity.mesh.as_ref() else {
+            return Vec::new();
+        };
         peers
             .iter()
             .filter(|peer| peer.leaf)
             .filter_map(|peer| {
-                let password = self
-                    .mesh
-                    .nats_password(NatsPassword::Leaf, &peer.machine_id)?;
+                let password = mesh.nats_password(NatsPassword::Leaf, &peer.machine_id)?;
                 Some(NatsUser::new(peer.machine_id.clone(), password))
             })
             .collect()
     }
 
     /// Makes the server admit exactly the leaf machines among `peers`,
-    /// reloading it in place when that changes anything. A failure is
-    /// logged: the server keeps the users it had.
-    fn apply(&self, peers: &[mesh::KnownPeer]) {
+    /// reloading it in place when that changes anything; true when it did.
+    /// A failure is logged: the server keeps the users it had.
+    fn apply(&self, peers: &[mesh::KnownPeer]) -> bool {
         let users = self.users(peers);
         let names: Vec<String> = users.iter().map(|user| user.name.clone()).collect();
         match self.nats.set_leaf_users(users) {
             Ok(true) => {
-                tracing::info!(leaves = ?names, "NATS admits the leaf machines of the network")
+                tracing::info!(leaves = ?names, "NATS admits the leaf machines of the network");
+                true
             }
-            Ok(false) => {}
+            Ok(false) => false,
             Err(error) => {
-                tracing::warn!(error = %error_chain(&error), "cannot update the leaf machines NATS admits")
+                tracing::warn!(error = %error_chain(&error), "cannot update the leaf machines NATS admits");
+                false
+            }
+        }
+    }
+
+    /// [`Self::apply`] for `peers` read from the store, then closes the
+    /// connections this server still has from leaf machines that are no
+    /// longer among them: a reload alone refuses only their next connection.
+    async fn apply_and_revoke(&self, peers: &[mesh::KnownPeer]) {
+        if !self.apply(peers) {
+            return;
+        }
+        let Some(system) = system_credentials(&self.identity) else {
+            return;
+        };
+        let admitted: Vec<String> = self
+            .users(peers)
+            .into_iter()
+            .map(|user| user.name)
+            .collect();
+        match crate::store::nats::close_leaves_except(
+            &self.nats.client_url(),
+            &system,
+            &admitted,
+            Duration::from_millis(500),
+        )
+        .await
+        {
+            Ok(closed) if !closed.is_empty() => {
+                tracing::info!(
+                    ?closed,
+                    "closed the leaf connections of machines no longer admitted"
+                )
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "cannot close the leaf connections of machines no longer admitted")
             }
         }
     }

@@ -44,6 +44,11 @@ const SCAN_CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 const SCAN_BATCH: usize = 1024;
 /// How many times a list or read tries before giving up on a transient failure.
 const SCAN_ATTEMPTS: u32 = 5;
+/// Longest wait for the next message of a pull while the consumer still
+/// has messages pending. Longer means the pull or its answer was lost (seen
+/// through a leaf server in its first seconds), and the scan starts over
+/// with a new consumer instead of waiting out the whole scan timeout.
+const SCAN_STALL: Duration = Duration::from_secs(2);
 /// How many times `create` retries after losing a race against a delete.
 const CREATE_ATTEMPTS: usize = 8;
 /// Every server in the cluster answers this with its statistics, whether or
@@ -599,7 +604,19 @@ impl NatsStore {
                     .await
                     .map_err(|source| store_error(what.clone(), source))?;
                 let before = messages.len();
-                while let Some(message) = batch.next().await {
+                loop {
+                    let next = tokio::time::timeout(SCAN_STALL, batch.next())
+                        .await
+                        .map_err(|elapsed| StoreError::Unavailable {
+                            context: format!(
+                                "{what}: no message within {SCAN_STALL:?} with {} pending",
+                                target - messages.len()
+                            ),
+                            source: Some(Box::new(elapsed)),
+                        })?;
+                    let Some(message) = next else {
+                        break;
+                    };
                     messages.push(message.map_err(|source| store_error(what.clone(), source))?);
                 }
                 if messages.len() == before {
@@ -1010,27 +1027,41 @@ impl EventLog for NatsStore {
 /// Wraps an async-nats failure: [`StoreError::Unavailable`] when it is
 /// transient (connection, timeout, no JetStream leader), [`StoreError::Backend`]
 /// otherwise.
-/// The names of the leaf servers connected to any server of the cluster
-/// behind `url`, asked through the system account (`system` must be one of
-/// its users): `$SYS.REQ.SERVER.PING.LEAFZ`, whose answers arrive from every
-/// server within `wait`.
-pub async fn connected_leaves(
+/// One leaf connection, as a server's system account reports it.
+struct LeafConnection {
+    /// The id of the server the leaf is connected to.
+    server: String,
+    /// The connection's id on that server.
+    cid: u64,
+    /// The leaf server's name.
+    name: String,
+}
+
+/// A client of the server at `url` as `system`, a user of its system account.
+async fn system_client(
     url: &str,
     system: &NatsCredentials,
     wait: Duration,
-) -> Result<Vec<String>, StoreError> {
-    let client =
-        ConnectOptions::with_user_and_password(system.user.clone(), system.password.clone())
-            .name("ployzd-system")
-            .connection_timeout(wait)
-            .connect(url)
-            .await
-            .map_err(|source| {
-                store_error(
-                    format!("cannot connect to NATS at {url} as the system user"),
-                    source,
-                )
-            })?;
+) -> Result<Client, StoreError> {
+    ConnectOptions::with_user_and_password(system.user.clone(), system.password.clone())
+        .name("ployzd-system")
+        .connection_timeout(wait)
+        .connect(url)
+        .await
+        .map_err(|source| {
+            store_error(
+                format!("cannot connect to NATS at {url} as the system user"),
+                source,
+            )
+        })
+}
+
+/// Every leaf connection of every server of the cluster:
+/// `$SYS.REQ.SERVER.PING.LEAFZ`, whose answers arrive within `wait`.
+async fn leaf_connections(
+    client: &Client,
+    wait: Duration,
+) -> Result<Vec<LeafConnection>, StoreError> {
     let inbox = client.new_inbox();
     let mut answers = client
         .subscribe(inbox.clone())
@@ -1042,24 +1073,88 @@ pub async fn connected_leaves(
         .map_err(|source| {
             store_error("cannot ask the servers for their leaf connections", source)
         })?;
-    let mut names = Vec::new();
+    let mut found = Vec::new();
     let deadline = Instant::now() + wait;
     while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.next()).await {
         let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&answer.payload) else {
             continue;
         };
+        let server = answer["server"]["id"].as_str().unwrap_or_default();
         let Some(leafs) = answer["data"]["leafs"].as_array() else {
             continue;
         };
-        names.extend(
-            leafs
-                .iter()
-                .filter_map(|leaf| leaf["name"].as_str().map(str::to_owned)),
-        );
+        for leaf in leafs {
+            if let (Some(cid), Some(name)) = (leaf["id"].as_u64(), leaf["name"].as_str()) {
+                found.push(LeafConnection {
+                    server: server.to_owned(),
+                    cid,
+                    name: name.to_owned(),
+                });
+            }
+        }
     }
+    Ok(found)
+}
+
+/// The names of the leaf servers connected to any server of the cluster
+/// behind `url`, asked through the system account (`system` must be one of
+/// its users); answers arrive from every server within `wait`.
+pub async fn connected_leaves(
+    url: &str,
+    system: &NatsCredentials,
+    wait: Duration,
+) -> Result<Vec<String>, StoreError> {
+    let client = system_client(url, system, wait).await?;
+    let mut names: Vec<String> = leaf_connections(&client, wait)
+        .await?
+        .into_iter()
+        .map(|connection| connection.name)
+        .collect();
     names.sort();
     names.dedup();
     Ok(names)
+}
+
+/// Closes every leaf connection of the server at `url` whose leaf server is
+/// not named in `admitted` (`$SYS.REQ.SERVER.<id>.KICK`), and answers the
+/// names closed. A reload that removes a leaf's user only refuses its next
+/// connection; this ends the one it has.
+pub async fn close_leaves_except(
+    url: &str,
+    system: &NatsCredentials,
+    admitted: &[String],
+    wait: Duration,
+) -> Result<Vec<String>, StoreError> {
+    let client = system_client(url, system, wait).await?;
+    let own = client.server_info().server_id;
+    let mut closed = Vec::new();
+    for connection in leaf_connections(&client, wait).await? {
+        if connection.server != own || admitted.contains(&connection.name) {
+            continue;
+        }
+        let body = serde_json::json!({ "cid": connection.cid }).to_string();
+        let answer = client
+            .request(format!("$SYS.REQ.SERVER.{own}.KICK"), body.into())
+            .await
+            .map_err(|source| {
+                store_error(
+                    format!("cannot close the leaf connection of {}", connection.name),
+                    source,
+                )
+            })?;
+        let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap_or_default();
+        if let Some(error) = answer.get("error") {
+            return Err(StoreError::Backend {
+                context: format!(
+                    "the server refused to close the leaf connection of {}: {error}",
+                    connection.name
+                ),
+                source: None,
+            });
+        }
+        closed.push(connection.name);
+    }
+    Ok(closed)
 }
 
 fn store_error(context: impl Into<String>, source: impl Into<BoxError>) -> StoreError {
