@@ -8,12 +8,13 @@
 use std::{
     fs,
     net::{SocketAddr, TcpListener},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command},
     sync::Arc,
     time::Duration,
 };
 
+use ployz_tests::{kill, processes_under};
 use ployzd::services::{
     DriftReason, SidecarError, SidecarOrigin, SidecarState,
     nats::{NatsSidecar, NatsSidecarConfig, find_binary},
@@ -53,19 +54,14 @@ impl Harness {
 
     /// Pids of live processes started with this harness's config file.
     fn our_processes(&self) -> Vec<u32> {
-        processes_mentioning(self.dir.path())
+        processes_under(self.dir.path())
     }
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
         for pid in self.our_processes() {
-            let pid = libc::pid_t::try_from(pid).expect("pids fit in pid_t");
-            // SAFETY: kill(2) reads no memory of ours; `pid` is one positive pid
-            // found in /proc, never 0 or -1 (which would address process groups).
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            kill(pid, libc::SIGKILL);
         }
     }
 }
@@ -86,22 +82,6 @@ fn free_port() -> u16 {
         .local_addr()
         .expect("local address")
         .port()
-}
-
-fn processes_mentioning(needle: &Path) -> Vec<u32> {
-    let needle = needle.to_str().expect("temp dirs are UTF-8");
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != std::process::id())
-        .filter(|&pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
-        })
-        .collect()
 }
 
 /// `/proc/<pid>/stat` fields after the command name: state is [0], session [3].
