@@ -120,6 +120,7 @@ impl Cluster {
             listen: self.places[index].route,
             routes: routes.iter().map(|&peer| self.places[peer].route).collect(),
             authorization: Some(NatsUser::new("ployz-route", secret)),
+            tls: None,
         });
         config
     }

@@ -116,6 +116,7 @@ impl Network {
             listen: self.core[index].route,
             routes: self.core.iter().map(|place| place.route).collect(),
             authorization: Some(NatsUser::new("ployz-route", "route-credential-1234")),
+            tls: None,
         });
         config.jetstream_domain = Some(DOMAIN.to_owned());
         config.leafnodes = Some(NatsLeafnodes::Hub(NatsHubConfig {

@@ -443,6 +443,7 @@ impl Daemon {
                     .route_secret
                     .clone()
                     .map(|secret| NatsUser::new(ROUTE_USER, secret)),
+                tls: None,
             });
         }
         // Users need the route secret, which networks founded before routes

@@ -57,6 +57,11 @@ const FILE_NAMES: FileNames = FileNames {
 const PID_FILE: &str = "nats.pid";
 /// A core server's user list, included by `nats.conf` and reloaded in place.
 const USERS_FILE: &str = "users.conf";
+/// The route certificates a core server trusts and pins, included by the
+/// `cluster { tls }` block and reloaded in place.
+const ROUTE_PEERS_FILE: &str = "route-peers.conf";
+/// Their certificates, the `ca_file` that file names.
+const ROUTE_BUNDLE_FILE: &str = "route-peers.pem";
 /// The server log, written by nats-server itself (`log_file`).
 const LOG_FILE: &str = "nats.log";
 const STORE_DIR: &str = "jetstream";
@@ -150,6 +155,92 @@ pub struct NatsClusterConfig {
     /// workload container included) could join the store's cluster. `None`
     /// only for networks founded before routes were authenticated.
     pub authorization: Option<NatsUser>,
+    /// TLS on routes with this server's own certificate, trusting and
+    /// pinning only the certificates of [`NatsRouteTls::peers`]: a
+    /// per-server route credential, which one reload takes away (the route
+    /// user above is one for the whole cluster). `None`: plain routes.
+    pub tls: Option<NatsRouteTls>,
+}
+
+/// A core server's route certificate, and the servers it routes with.
+///
+/// Each server has its own self-signed certificate, for its route listen
+/// address. nats-server verifies a route's certificate against `ca_file` in
+/// both directions and requires it in `pinned_certs` (the SHA-256 of its
+/// public key), both kept in `route-peers.conf`, which `nats.conf` includes:
+/// [`NatsSidecar::set_route_peers`] rewrites it and reloads the server in
+/// place. A reload that unpins a certificate cuts that server's routes at
+/// once; one that only drops it from `ca_file` refuses new routes and keeps
+/// the live ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsRouteTls {
+    /// This server's certificate (PEM).
+    pub certificate_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// The servers whose routes are accepted and solicited at start,
+    /// normally every core server including this one. Not part of the
+    /// sidecar's identity: later lists are set in place.
+    pub peers: Vec<NatsRoutePeer>,
+}
+
+/// A server whose route certificate is trusted and pinned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsRoutePeer {
+    /// Who it is, for the comment beside its pin.
+    pub name: String,
+    /// Its self-signed certificate (PEM).
+    pub certificate_pem: String,
+    /// Hex SHA-256 of the certificate's DER SubjectPublicKeyInfo.
+    pub pin: String,
+}
+
+/// A freshly made route certificate: self-signed, ECDSA P-256, valid for
+/// `address` (the route listen address other servers dial), for both ends of
+/// a route (server and client authentication).
+pub struct RouteCertificate {
+    pub certificate_pem: String,
+    /// The private key (PEM, PKCS#8). `Debug` leaves it out.
+    pub key_pem: String,
+    /// Hex SHA-256 of the DER SubjectPublicKeyInfo: what `pinned_certs` lists.
+    pub pin: String,
+}
+
+impl std::fmt::Debug for RouteCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteCertificate")
+            .field("pin", &self.pin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteCertificate {
+    /// A new key and certificate for the route listener at `address`, named
+    /// `name` (the certificate's common name; nats-server does not check it).
+    pub fn generate(name: &str, address: IpAddr) -> Result<Self, SidecarError> {
+        use rcgen::PublicKeyData as _;
+        let failed = |error: rcgen::Error| SidecarError::InvalidConfig {
+            field: "cluster.tls",
+            reason: format!("cannot make a route certificate: {error}"),
+        };
+        let key = rcgen::KeyPair::generate().map_err(failed)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress(address)];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let certificate = params.self_signed(&key).map_err(failed)?;
+        use sha2::Digest as _;
+        Ok(Self {
+            certificate_pem: certificate.pem(),
+            key_pem: key.serialize_pem(),
+            pin: hex::encode(sha2::Sha256::digest(key.subject_public_key_info())),
+        })
+    }
 }
 
 /// How a server takes part in leaf connections. The first machines of a
@@ -265,6 +356,8 @@ pub fn find_binary(configured: Option<&Path>) -> Result<PathBuf, SidecarError> {
 struct NatsFiles {
     pid: PathBuf,
     users: PathBuf,
+    route_peers: PathBuf,
+    route_bundle: PathBuf,
     log: PathBuf,
     store: PathBuf,
 }
@@ -274,6 +367,8 @@ impl NatsFiles {
         Self {
             pid: dir.join(PID_FILE),
             users: dir.join(USERS_FILE),
+            route_peers: dir.join(ROUTE_PEERS_FILE),
+            route_bundle: dir.join(ROUTE_BUNDLE_FILE),
             log: dir.join(LOG_FILE),
             store: dir.join(STORE_DIR),
         }
@@ -292,6 +387,8 @@ struct NatsKind {
     client_addr: SocketAddr,
     /// A core server's leaf users as last set: what `users.conf` holds.
     leaf_users: std::sync::Mutex<Vec<NatsUser>>,
+    /// The route peers as last set: what `route-peers.conf` holds.
+    route_peers: std::sync::Mutex<Vec<NatsRoutePeer>>,
 }
 
 impl NatsKind {
@@ -309,13 +406,45 @@ impl NatsKind {
             }
             IpAddr::V4(_) | IpAddr::V6(_) => config.listen,
         };
+        let route_peers = config
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.tls.as_ref())
+            .map(|tls| tls.peers.clone())
+            .unwrap_or_default();
         Ok(Self {
             config,
             files,
             rendered,
             client_addr,
             leaf_users: std::sync::Mutex::new(Vec::new()),
+            route_peers: std::sync::Mutex::new(route_peers),
         })
+    }
+
+    /// Writes `route-peers.conf` and its certificate bundle for `peers` when
+    /// they say something else; true when they did. Does nothing on servers
+    /// without route TLS.
+    fn write_route_peers(&self, peers: &[NatsRoutePeer]) -> Result<bool, SidecarError> {
+        if self
+            .config
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.tls.as_ref())
+            .is_none()
+        {
+            return Ok(false);
+        }
+        let (conf, bundle) = render_route_peers(&self.files.route_bundle, peers)?;
+        let same =
+            |path: &Path, text: &str| std::fs::read_to_string(path).ok().as_deref() == Some(text);
+        if same(&self.files.route_bundle, &bundle) && same(&self.files.route_peers, &conf) {
+            return Ok(false);
+        }
+        // The bundle first: the list it is named by never points at a stale one.
+        write_atomically(&self.files.route_bundle, bundle.as_bytes())?;
+        write_atomically(&self.files.route_peers, conf.as_bytes())?;
+        Ok(true)
     }
 
     /// Writes `users.conf` for `leaf_users` when it says something else;
@@ -388,6 +517,13 @@ impl SidecarKind for NatsKind {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             self.write_users(&leaf_users)?;
+        }
+        {
+            let route_peers = self
+                .route_peers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.write_route_peers(&route_peers)?;
         }
         ensure_port_free(self.config.listen)?;
         if let Some(monitor) = self.monitor_addr() {
@@ -716,6 +852,63 @@ fn render_leaf(text: &mut String, leaf: &NatsLeafConfig) -> Result<(), SidecarEr
     Ok(())
 }
 
+/// The text of `route-peers.conf` (naming `bundle` as its `ca_file`) and of
+/// the bundle, for `peers`, sorted by name so the same set always renders
+/// the same text.
+fn render_route_peers(
+    bundle: &Path,
+    peers: &[NatsRoutePeer],
+) -> Result<(String, String), SidecarError> {
+    let mut peers: Vec<&NatsRoutePeer> = peers.iter().collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.pin.cmp(&b.pin)));
+    peers.dedup_by(|a, b| a.pin == b.pin);
+    if peers.is_empty() {
+        // An empty ca_file stops nats-server; no peer means no route anyway.
+        return Err(SidecarError::InvalidConfig {
+            field: "cluster.tls.peers",
+            reason: "needs at least one certificate to trust".to_owned(),
+        });
+    }
+    let mut conf = String::from(
+        "# Rendered by ployzd (services::nats); do not edit. Included by the\n\
+         # cluster tls block of nats.conf; rewritten and reloaded in place.\n",
+    );
+    conf.push_str(&format!(
+        "ca_file: {}\npinned_certs: [\n",
+        quoted_path("cluster.tls.peers", bundle)?
+    ));
+    let mut text = String::new();
+    for peer in peers {
+        if peer.pin.len() != 64 || !peer.pin.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(SidecarError::InvalidConfig {
+                field: "cluster.tls.peers",
+                reason: format!("the pin of `{}` is not a hex SHA-256", peer.name),
+            });
+        }
+        let pem = peer.certificate_pem.trim();
+        if !pem.starts_with("-----BEGIN CERTIFICATE-----")
+            || !pem.ends_with("-----END CERTIFICATE-----")
+        {
+            return Err(SidecarError::InvalidConfig {
+                field: "cluster.tls.peers",
+                reason: format!(
+                    "the certificate of `{}` is not one PEM certificate",
+                    peer.name
+                ),
+            });
+        }
+        // The name becomes a comment: keep it on its line.
+        let name: String = peer.name.chars().filter(|c| !c.is_control()).collect();
+        conf.push_str(&format!(
+            "  \"{}\"  # {name}\n",
+            peer.pin.to_ascii_lowercase()
+        ));
+        text.push_str(&format!("# {name}\n{pem}\n"));
+    }
+    conf.push_str("]\n");
+    Ok((conf, text))
+}
+
 /// Appends the `cluster` block. Routes are sorted and deduplicated and the
 /// server's own listen address is left out, so the same set of machines
 /// always renders the same text (and the same identity hash).
@@ -798,6 +991,26 @@ fn render_cluster(text: &mut String, cluster: &NatsClusterConfig) -> Result<(), 
         }
         None => String::new(),
     };
+    if let Some(tls) = &cluster.tls {
+        text.push_str(concat!(
+            "  # This server's own route certificate. Routes are verified both ways\n",
+            "  # against the core servers' certificates, trusted (ca_file) and pinned\n",
+            "  # (pinned_certs) in the included file, which is rewritten and reloaded in\n",
+            "  # place: unpinning a server cuts its routes at once.\n",
+            "  tls {\n",
+        ));
+        text.push_str(&format!(
+            "    cert_file: {}\n",
+            quoted_path("cluster.tls.certificate_file", &tls.certificate_file)?
+        ));
+        text.push_str(&format!(
+            "    key_file: {}\n",
+            quoted_path("cluster.tls.key_file", &tls.key_file)?
+        ));
+        // nats-server resolves an include against the including file's directory.
+        text.push_str(&format!("    include \"{ROUTE_PEERS_FILE}\"\n"));
+        text.push_str("  }\n");
+    }
     text.push_str("  routes: [\n");
     for route in routes {
         text.push_str(&format!(
@@ -983,8 +1196,47 @@ impl NatsSidecar {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let changed = kind.write_users(&leaf_users)?;
         *current = leaf_users;
-        if changed && let Some(pid) = self.status().pid {
-            // A process gone meanwhile reads the new file when restarted.
+        if changed {
+            self.reload()?;
+        }
+        Ok(changed)
+    }
+
+    /// Makes a core server trust and pin exactly `peers`' route
+    /// certificates: rewrites `route-peers.conf` and its bundle and has the
+    /// running server reload them (SIGHUP) when they changed. True when they
+    /// changed. Routes from a server no longer pinned are cut at the reload.
+    /// Refused on servers without route TLS.
+    pub fn set_route_peers(&self, peers: Vec<NatsRoutePeer>) -> Result<bool, SidecarError> {
+        let kind = self.sidecar.kind();
+        if kind
+            .config
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.tls.as_ref())
+            .is_none()
+        {
+            return Err(SidecarError::InvalidConfig {
+                field: "cluster.tls",
+                reason: "only a server with route TLS has route peers".to_owned(),
+            });
+        }
+        let mut current = kind
+            .route_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = kind.write_route_peers(&peers)?;
+        *current = peers;
+        if changed {
+            self.reload()?;
+        }
+        Ok(changed)
+    }
+
+    /// Has the running server reread its config files (SIGHUP). A process
+    /// gone meanwhile reads them when restarted.
+    fn reload(&self) -> Result<(), SidecarError> {
+        if let Some(pid) = self.status().pid {
             super::process::send_signal(pid, libc::SIGHUP).map_err(|source| {
                 SidecarError::Signal {
                     pid,
@@ -993,7 +1245,7 @@ impl NatsSidecar {
                 }
             })?;
         }
-        Ok(changed)
+        Ok(())
     }
 }
 
@@ -1160,6 +1412,7 @@ mod tests {
                 "[fd00:0:0:2::1]:4723".parse().expect("route"),
             ],
             authorization: None,
+            tls: None,
         }
     }
 
@@ -1206,6 +1459,7 @@ mod tests {
                     "10.0.0.2:6222".parse().expect("route"),
                 ],
                 authorization: None,
+                tls: None,
             }),
             ..config()
         })
