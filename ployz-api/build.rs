@@ -16,6 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "ployz.v1.MeshJoinPrepareResponse",
             "#[derive(serde::Deserialize)] #[serde(default)]",
         )
+        // ... and its `mesh join --json`, for the route certificate.
+        .type_attribute(
+            "ployz.v1.MeshJoinResponse",
+            "#[derive(serde::Deserialize)] #[serde(default)]",
+        )
         .compile_fds(descriptors)?;
     Ok(())
 }

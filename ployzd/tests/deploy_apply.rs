@@ -426,6 +426,7 @@ impl Fleet {
                         .expect("an address"),
                 }),
                 store_role: StoreRole::Core,
+                route_certificate: None,
             };
             store
                 .create(

@@ -472,6 +472,26 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         );
     }
 
+    // Each core server also routes with its own certificate, trusting and
+    // pinning exactly the three core machines' (one reload per new machine).
+    for host in [one, two, three] {
+        let config = std::fs::read_to_string(host.ployz_dir().join("data/nats/nats.conf"))
+            .expect("the rendered NATS config");
+        assert!(
+            config.contains("  tls {\n") && config.contains("include \"route-peers.conf\""),
+            "{} routes without TLS:\n{config}",
+            host.name()
+        );
+        let peers = std::fs::read_to_string(host.ployz_dir().join("data/nats/route-peers.conf"))
+            .expect("the route peers");
+        assert_eq!(
+            peers.matches("  # m-").count(),
+            3,
+            "{} does not pin the three core machines:\n{peers}",
+            host.name()
+        );
+    }
+
     // `machine ls` on each shows all three active and reachable.
     for (host, _) in &addresses {
         let listed = ployzctl_json(host, &["machine", "ls"]);

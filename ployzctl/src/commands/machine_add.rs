@@ -547,14 +547,24 @@ impl Adder<'_> {
             ),
         );
 
+        let mut joined = v1::MeshJoinResponse::default();
         if !admitted.ticket.is_empty() {
             self.step("join", "bringing up the tunnel and NATS on the host");
-            self.ssh(
-                "join",
-                &format!("{ployzctl} --json mesh join"),
-                Some(admitted.ticket.into_bytes()),
-            )
-            .await?;
+            let output = self
+                .ssh(
+                    "join",
+                    &format!("{ployzctl} --json mesh join"),
+                    Some(admitted.ticket.into_bytes()),
+                )
+                .await?;
+            joined = serde_json::from_str(output.trim()).map_err(|error| {
+                step_error(
+                    "join",
+                    ErrorClass::Internal,
+                    "join_answer",
+                    format!("the host's `mesh join` answered something unreadable: {error}"),
+                )
+            })?;
         }
 
         self.step("activate", "waiting for the handshake and the store");
@@ -568,6 +578,8 @@ impl Adder<'_> {
                 operation_id: new_operation_id(),
                 machine_id: prepared.machine_id.clone(),
                 timeout_ms: u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX),
+                route_certificate_pem: joined.route_certificate_pem,
+                route_certificate_pin: joined.route_certificate_pin,
             })
             .await
             .map_err(|e| step_api_error("activate", self.context.call_error(e)))?

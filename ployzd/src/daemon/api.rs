@@ -326,13 +326,19 @@ impl v1::ployz_server::Ployz for ApiService {
     ) -> ApiResult<v1::MeshJoinResponse> {
         let request = request.into_inner();
         let joined = self.daemon.mesh_join(&request.ticket).await;
-        reply(
-            joined.map(|(outcome, machine_id, address)| v1::MeshJoinResponse {
-                outcome: outcome.to_owned(),
-                machine_id,
-                overlay_address: address.to_string(),
-            }),
-        )
+        reply(joined.map(|joined| {
+            let (route_certificate_pem, route_certificate_pin) = joined
+                .route_certificate
+                .map(|certificate| (certificate.pem, certificate.pin))
+                .unwrap_or_default();
+            v1::MeshJoinResponse {
+                outcome: joined.outcome.to_owned(),
+                machine_id: joined.machine_id,
+                overlay_address: joined.address.to_string(),
+                route_certificate_pem,
+                route_certificate_pin,
+            }
+        }))
     }
 
     async fn machine_admit(
@@ -370,6 +376,12 @@ impl v1::ployz_server::Ployz for ApiService {
                 &request.operation_id,
                 &request.machine_id,
                 std::time::Duration::from_millis(u64::from(request.timeout_ms)),
+                (!request.route_certificate_pem.is_empty()).then_some(
+                    crate::machine::records::RouteCertificateRecord {
+                        pem: request.route_certificate_pem,
+                        pin: request.route_certificate_pin,
+                    },
+                ),
             )
             .await;
         reply(activated.map(|finished| {

@@ -31,7 +31,7 @@ use crate::{
     machine::{
         LocalIdentity, MachineRecord, Membership, NetworkName,
         identity::{LeafIdentity, MeshIdentity, NatsPassword},
-        records::{MachineMesh, StoreRole},
+        records::{MachineMesh, RouteCertificateRecord, StoreRole},
     },
     mesh::{
         addressing::{OverlayPrefix, SubnetIndex, claim_subnet},
@@ -99,6 +99,15 @@ pub struct JoinPrepared {
     pub public_key: String,
     pub listen_port: u16,
     pub hostname: String,
+}
+
+/// `MeshJoin`'s answer.
+pub struct Joined {
+    pub outcome: &'static str,
+    pub machine_id: String,
+    pub address: Ipv6Addr,
+    /// A core machine's route certificate, for the member that activates it.
+    pub route_certificate: Option<RouteCertificateRecord>,
 }
 
 /// `MachineAdmit`'s answer.
@@ -211,10 +220,7 @@ impl Daemon {
     }
 
     /// Target side of a join, step 2: become the machine the ticket names.
-    pub async fn mesh_join(
-        &self,
-        ticket: &str,
-    ) -> Result<(&'static str, String, Ipv6Addr), ApiError> {
+    pub async fn mesh_join(&self, ticket: &str) -> Result<Joined, ApiError> {
         let ticket: JoinTicket = serde_json::from_str(ticket).map_err(|error| {
             ApiError::new(
                 ErrorClass::Usage,
@@ -294,20 +300,26 @@ impl Daemon {
             Ok(_) | Err(super::BringUpError::Store(_)) => {}
             Err(error) => return Err(super::operations::bring_up_error(error)),
         }
-        let address = self
-            .mesh_runtime
-            .lock()
-            .await
-            .as_ref()
-            .map(|mesh| mesh.overlay_address())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorClass::Internal,
-                    "mesh_missing",
-                    "the overlay is not up after joining",
-                )
-            })?;
-        Ok((outcome, identity.machine_id.clone(), address))
+        let mesh = self.mesh_runtime.lock().await.clone().ok_or_else(|| {
+            ApiError::new(
+                ErrorClass::Internal,
+                "mesh_missing",
+                "the overlay is not up after joining",
+            )
+        })?;
+        let route_certificate = self
+            .route_certificate(&identity, &mesh)
+            .map_err(super::operations::bring_up_error)?
+            .map(|certificate| RouteCertificateRecord {
+                pem: certificate.certificate_pem,
+                pin: certificate.pin,
+            });
+        Ok(Joined {
+            outcome,
+            machine_id: identity.machine_id.clone(),
+            address: mesh.overlay_address(),
+            route_certificate,
+        })
     }
 
     /// Member side of a join: claim the new machine's subnet, record it
@@ -501,6 +513,7 @@ impl Daemon {
                 overlay_address: subnet.machine_address(),
             }),
             store_role,
+            route_certificate: None,
         };
         let record: MachineRecord = match store
             .create(&key, encode(&key, &record).map_err(store_error)?)
@@ -522,6 +535,11 @@ impl Daemon {
                 .map_err(store_error)?,
             Err(error) => return Err(store_error(error)),
         };
+        // The ticket carries the core machines' route certificates; the
+        // founding machine's record gets its own here, the first time it
+        // admits a machine (its record is written after its store starts).
+        self.publish_route_certificate(store, &runtime.identity, &runtime.mesh)
+            .await;
         let members = list_members(store).await?;
         let peers = sync_peers(
             store,
@@ -533,7 +551,7 @@ impl Daemon {
         .map_err(|error| ApiError::new(ErrorClass::Unavailable, "mesh_peers", error))?;
         // This machine's server admits a new leaf at once; the other core
         // servers follow the record.
-        if let Some(hub) = super::HubUsers::for_sidecar(&runtime.identity, &runtime.nats) {
+        if let Some(hub) = super::NatsMembers::for_sidecar(&runtime.identity, &runtime.nats) {
             hub.apply(&peers);
         }
         let active_cores = || {
@@ -628,8 +646,24 @@ impl Daemon {
         operation: &str,
         machine_id: &str,
         timeout: Duration,
+        route_certificate: Option<RouteCertificateRecord>,
     ) -> Result<Finished<Activated>, ApiError> {
         let operation = OperationId::parse(operation).map_err(journal_error)?;
+        if let Some(certificate) = &route_certificate {
+            let pin_ok = certificate.pin.len() == 64
+                && certificate.pin.chars().all(|c| c.is_ascii_hexdigit());
+            let pem = certificate.pem.trim();
+            if !pin_ok
+                || !pem.starts_with("-----BEGIN CERTIFICATE-----")
+                || !pem.ends_with("-----END CERTIFICATE-----")
+            {
+                return Err(usage(
+                    "invalid_route_certificate",
+                    "the route certificate is not one PEM certificate with a hex SHA-256 pin"
+                        .to_owned(),
+                ));
+            }
+        }
         let runtime = self.runtime().await?;
         let timeout = if timeout.is_zero() {
             DEFAULT_ACTIVATE_TIMEOUT
@@ -692,6 +726,28 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+
+        // A core machine's route certificate goes into its record, where
+        // every core server reads it to trust and pin it; this one does so now.
+        if let Some(certificate) = &route_certificate
+            && record.store_role == StoreRole::Core
+        {
+            super::record_route_certificate(&runtime.store, machine_id, certificate)
+                .await
+                .map_err(store_error)?;
+            let peers = sync_peers(
+                &runtime.store,
+                &runtime.mesh,
+                &runtime.identity.machine_id,
+                &self.peer_cache_path(),
+            )
+            .await
+            .map_err(|error| ApiError::new(ErrorClass::Unavailable, "mesh_peers", error))?;
+            if let Some(members) = super::NatsMembers::for_sidecar(&runtime.identity, &runtime.nats)
+            {
+                members.apply(&peers);
+            }
+        }
 
         // Its NATS server joined the store's cluster. A machine whose NATS
         // still runs standalone (the network's only machine so far) turns it

@@ -78,6 +78,10 @@ pub struct KnownPeer {
     /// admits the leaf machines it admitted before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub leaf: bool,
+    /// A core member's route certificate, which this machine's NATS trusts
+    /// and pins; cached for the same reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_certificate: Option<crate::machine::records::RouteCertificateRecord>,
 }
 
 /// One peer in `mesh status`.
@@ -180,7 +184,7 @@ impl Daemon {
         &self,
         store: NatsStore,
         mesh: Arc<MeshRuntime>,
-        hub: Option<super::HubUsers>,
+        hub: Option<super::NatsMembers>,
         self_id: String,
         shutdown: CancellationToken,
     ) {
@@ -365,6 +369,9 @@ pub(super) fn known_peers(self_id: &str, members: &[MachineRecord]) -> Vec<Known
                 endpoint: mesh.endpoint,
                 subnet: mesh.subnet,
                 leaf: member.store_role == crate::machine::records::StoreRole::Leaf,
+                route_certificate: (member.store_role == crate::machine::records::StoreRole::Core)
+                    .then(|| member.route_certificate.clone())
+                    .flatten(),
             })
         })
         .collect()
@@ -422,7 +429,7 @@ pub(super) async fn sync_peers(
 async fn sync_members(
     store: &NatsStore,
     mesh: &MeshRuntime,
-    hub: Option<&super::HubUsers>,
+    hub: Option<&super::NatsMembers>,
     self_id: &str,
     cache: &std::path::Path,
 ) {
@@ -439,7 +446,7 @@ async fn sync_members(
 async fn follow(
     store: NatsStore,
     mesh: Arc<MeshRuntime>,
-    hub: Option<super::HubUsers>,
+    hub: Option<super::NatsMembers>,
     self_id: String,
     cache: PathBuf,
     shutdown: CancellationToken,
@@ -579,6 +586,7 @@ pub(super) mod tests {
                 overlay_address: subnet.machine_address(),
             }),
             store_role: crate::machine::records::StoreRole::Core,
+            route_certificate: None,
         }
     }
 
@@ -615,6 +623,7 @@ pub(super) mod tests {
             endpoint: None,
             subnet: SubnetIndex::new(9).expect("index"),
             leaf: false,
+            route_certificate: None,
         }];
         let prefix: OverlayPrefix = "fd12:3456:789a::/48".parse().expect("prefix");
         assert!(peer_specs(prefix, &peers).is_empty());

@@ -37,8 +37,8 @@ use crate::{
     services::{
         SidecarError,
         nats::{
-            NatsClusterConfig, NatsHubConfig, NatsLeafConfig, NatsLeafnodes, NatsSidecar,
-            NatsSidecarConfig, NatsUser,
+            NatsClusterConfig, NatsHubConfig, NatsLeafConfig, NatsLeafnodes, NatsRoutePeer,
+            NatsRouteTls, NatsSidecar, NatsSidecarConfig, NatsUser, RouteCertificate,
         },
         routing::{RoutingSidecar, RoutingSidecarConfig, find_routing_binary},
     },
@@ -382,12 +382,12 @@ impl Daemon {
         let nats_config = self.nats_config(&identity, &mesh)?;
         let mut current = self.nats_sidecar.lock().await;
         let nats = match &*current {
-            Some(nats) if nats.config() == &nats_config => nats.clone(),
+            Some(nats) if same_process(nats.config(), &nats_config) => nats.clone(),
             _ => {
                 let nats = Arc::new(NatsSidecar::ensure(nats_config).await?);
                 // Until the store answers, a core server admits the leaf
                 // machines this machine last knew of.
-                if let Some(hub) = HubUsers::for_sidecar(&identity, &nats) {
+                if let Some(hub) = NatsMembers::for_sidecar(&identity, &nats) {
                     hub.apply(&mesh::read_peer_cache(&self.peer_cache_path()));
                 }
                 tracing::info!(status = ?nats.status(), "NATS sidecar ready");
@@ -435,6 +435,20 @@ impl Daemon {
         }
         let overlay = std::net::IpAddr::V6(mesh.overlay_address());
         if !mesh_identity.routes.is_empty() {
+            // Each core server routes with its own certificate, and trusts
+            // and pins the other core machines' (from their records, cached
+            // for a start before the store answers).
+            let tls = self
+                .route_certificate(identity, mesh)?
+                .map(|own| NatsRouteTls {
+                    certificate_file: self.config.data_dir.join(ROUTE_CERTIFICATE_FILE),
+                    key_file: self.config.data_dir.join(ROUTE_KEY_FILE),
+                    peers: route_peers(
+                        &identity.machine_id,
+                        &own,
+                        &mesh::read_peer_cache(&self.peer_cache_path()),
+                    ),
+                });
             nats_config.cluster = Some(NatsClusterConfig {
                 name: identity.cluster_id.clone(),
                 listen: SocketAddr::new(overlay, self.config.nats.cluster_port),
@@ -443,7 +457,7 @@ impl Daemon {
                     .route_secret
                     .clone()
                     .map(|secret| NatsUser::new(ROUTE_USER, secret)),
-                tls: None,
+                tls,
             });
         }
         // Users need the route secret, which networks founded before routes
@@ -461,6 +475,54 @@ impl Daemon {
         Ok(nats_config)
     }
 
+    /// A core machine's route certificate, made on first use for its
+    /// overlay address; `None` on leaf machines and in networks without a
+    /// route secret (founded before routes were authenticated).
+    fn route_certificate(
+        &self,
+        identity: &LocalIdentity,
+        mesh: &mesh::MeshRuntime,
+    ) -> Result<Option<RouteCertificate>, BringUpError> {
+        let Some(mesh_identity) = identity.mesh.as_ref() else {
+            return Ok(None);
+        };
+        if mesh_identity.leaf.is_some() || mesh_identity.route_secret.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(RouteCertificate::load_or_generate(
+            &self.config.data_dir.join(ROUTE_CERTIFICATE_FILE),
+            &self.config.data_dir.join(ROUTE_KEY_FILE),
+            &identity.machine_id,
+            std::net::IpAddr::V6(mesh.overlay_address()),
+        )?))
+    }
+
+    /// Records this core machine's route certificate in its membership
+    /// record, where the other core machines read it, unless it is there
+    /// already. A failure is logged: the next start tries again.
+    async fn publish_route_certificate(
+        &self,
+        store: &NatsStore,
+        identity: &LocalIdentity,
+        mesh: &mesh::MeshRuntime,
+    ) {
+        let certificate = match self.route_certificate(identity, mesh) {
+            Ok(Some(certificate)) => certificate,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "no route certificate");
+                return;
+            }
+        };
+        let record = crate::machine::records::RouteCertificateRecord {
+            pem: certificate.certificate_pem,
+            pin: certificate.pin,
+        };
+        if let Err(error) = record_route_certificate(store, &identity.machine_id, &record).await {
+            tracing::warn!(error = %error_chain(&error), "cannot record this machine's route certificate");
+        }
+    }
+
     /// Connects the store through `sidecars` and makes the runtime ready.
     async fn connect_store(
         &self,
@@ -474,6 +536,8 @@ impl Daemon {
         store_config.jetstream_domain = client.jetstream_domain.clone();
         let store = NatsStore::connect(store_config).await?;
         self.finish_store_move(&store).await?;
+        self.publish_route_certificate(&store, &sidecars.identity, &sidecars.mesh)
+            .await;
         let mut state = self.cluster.write().await;
         if let ClusterState::Ready(runtime) = &*state {
             return Ok(runtime.clone());
@@ -484,7 +548,7 @@ impl Daemon {
         self.follow_membership(
             store.clone(),
             sidecars.mesh.clone(),
-            HubUsers::for_sidecar(&sidecars.identity, &sidecars.nats),
+            NatsMembers::for_sidecar(&sidecars.identity, &sidecars.nats),
             sidecars.identity.machine_id.clone(),
             follower.clone(),
         );
@@ -646,6 +710,82 @@ pub enum BringUpError {
 
 /// The user name NATS routes authenticate as (with the network's route secret).
 const ROUTE_USER: &str = "ployz-route";
+/// A core machine's route certificate and key, under the data dir.
+const ROUTE_CERTIFICATE_FILE: &str = "nats/route.crt";
+const ROUTE_KEY_FILE: &str = "nats/route.key";
+
+/// True when `running` and `wanted` describe the same process: they differ
+/// at most in what is reloaded in place (the route peers).
+fn same_process(running: &NatsSidecarConfig, wanted: &NatsSidecarConfig) -> bool {
+    let without_peers = |config: &NatsSidecarConfig| {
+        let mut config = config.clone();
+        if let Some(tls) = config
+            .cluster
+            .as_mut()
+            .and_then(|cluster| cluster.tls.as_mut())
+        {
+            tls.peers.clear();
+        }
+        config
+    };
+    without_peers(running) == without_peers(wanted)
+}
+
+/// The route certificates a core server trusts and pins: its own and every
+/// core member's in `peers`.
+fn route_peers(
+    machine_id: &str,
+    own: &RouteCertificate,
+    peers: &[mesh::KnownPeer],
+) -> Vec<NatsRoutePeer> {
+    std::iter::once(NatsRoutePeer {
+        name: machine_id.to_owned(),
+        certificate_pem: own.certificate_pem.clone(),
+        pin: own.pin.clone(),
+    })
+    .chain(peers.iter().filter_map(|peer| {
+        let certificate = peer.route_certificate.as_ref()?;
+        Some(NatsRoutePeer {
+            name: peer.machine_id.clone(),
+            certificate_pem: certificate.pem.clone(),
+            pin: certificate.pin.clone(),
+        })
+    }))
+    .collect()
+}
+
+/// Writes `certificate` into machine `machine_id`'s record unless it holds
+/// it already; retries a lost compare-and-set.
+pub(super) async fn record_route_certificate(
+    store: &NatsStore,
+    machine_id: &str,
+    certificate: &crate::machine::records::RouteCertificateRecord,
+) -> Result<bool, StoreError> {
+    use crate::store::RecordStore as _;
+    let key = crate::machine::MachineRecord::key(machine_id);
+    for _ in 0..5 {
+        let Some(found) = store.get(&key).await? else {
+            return Ok(false);
+        };
+        let mut record: crate::machine::MachineRecord = found.decode()?;
+        if record.route_certificate.as_ref() == Some(certificate) {
+            return Ok(false);
+        }
+        record.route_certificate = Some(certificate.clone());
+        match store
+            .update(&key, crate::store::encode(&key, &record)?, found.revision)
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(error) if error.is_conflict() => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Err(StoreError::Backend {
+        context: format!("machine {machine_id}'s record kept changing"),
+        source: None,
+    })
+}
 /// The user a core machine's own clients connect to its NATS server as.
 const LOCAL_USER: &str = "ployz-local";
 /// A core server's system-account user.
@@ -699,21 +839,29 @@ pub(super) fn system_credentials(identity: &LocalIdentity) -> Option<NatsCredent
     })
 }
 
-/// The leaf users a core machine's NATS server admits: one per leaf
-/// machine, its password derived from the route secret.
-pub(super) struct HubUsers {
+/// What a core machine's NATS server takes from membership, in place: one
+/// leaf user per leaf machine (its password derived from the route secret),
+/// and the route certificates of the core machines it trusts and pins.
+pub(super) struct NatsMembers {
     nats: Arc<NatsSidecar>,
     identity: LocalIdentity,
 }
 
-impl HubUsers {
-    /// `None` unless `nats` is a core server accepting leaf servers.
+impl NatsMembers {
+    /// `None` unless `nats` is a core server accepting leaf servers or
+    /// routing over TLS.
     fn for_sidecar(identity: &LocalIdentity, nats: &Arc<NatsSidecar>) -> Option<Self> {
         identity.mesh.as_ref()?;
-        matches!(nats.config().leafnodes, Some(NatsLeafnodes::Hub(_))).then(|| Self {
+        let config = nats.config();
+        let hub = matches!(config.leafnodes, Some(NatsLeafnodes::Hub(_)));
+        (hub || Self::route_tls(config).is_some()).then(|| Self {
             nats: nats.clone(),
             identity: identity.clone(),
         })
+    }
+
+    fn route_tls(config: &NatsSidecarConfig) -> Option<&NatsRouteTls> {
+        config.cluster.as_ref()?.tls.as_ref()
     }
 
     /// The users for the leaf machines among `peers`.
@@ -731,10 +879,44 @@ impl HubUsers {
             .collect()
     }
 
-    /// Makes the server admit exactly the leaf machines among `peers`,
-    /// reloading it in place when that changes anything; true when it did.
-    /// A failure is logged: the server keeps the users it had.
+    /// Makes the server admit exactly the leaf machines among `peers` and
+    /// trust exactly the core machines' route certificates among them (and
+    /// its own), reloading it in place when that changes anything; true
+    /// when the leaf users changed. A failure is logged: the server keeps
+    /// what it had.
     fn apply(&self, peers: &[mesh::KnownPeer]) -> bool {
+        let config = self.nats.config();
+        if let Some(tls) = Self::route_tls(config) {
+            let own = tls
+                .peers
+                .iter()
+                .find(|peer| peer.name == self.identity.machine_id)
+                .cloned();
+            let trusted: Vec<NatsRoutePeer> = own
+                .into_iter()
+                .chain(peers.iter().filter_map(|peer| {
+                    let certificate = peer.route_certificate.as_ref()?;
+                    Some(NatsRoutePeer {
+                        name: peer.machine_id.clone(),
+                        certificate_pem: certificate.pem.clone(),
+                        pin: certificate.pin.clone(),
+                    })
+                }))
+                .collect();
+            let names: Vec<String> = trusted.iter().map(|peer| peer.name.clone()).collect();
+            match self.nats.set_route_peers(trusted) {
+                Ok(true) => {
+                    tracing::info!(servers = ?names, "NATS routes with the core machines' certificates")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "cannot update the route certificates NATS trusts")
+                }
+            }
+        }
+        if !matches!(config.leafnodes, Some(NatsLeafnodes::Hub(_))) {
+            return false;
+        }
         let users = self.users(peers);
         let names: Vec<String> = users.iter().map(|user| user.name.clone()).collect();
         match self.nats.set_leaf_users(users) {

@@ -84,6 +84,7 @@ pub async fn ensure_membership_records<S: RecordStore>(
         joined_at_unix_ms: now_unix_ms,
         mesh,
         store_role: crate::machine::records::StoreRole::Core,
+        route_certificate: None,
     };
     let machine_written = create_or_check(
         store,

@@ -67,6 +67,20 @@ pub struct MachineRecord {
     /// existed read as core.
     #[serde(default)]
     pub store_role: StoreRole,
+    /// A core machine's NATS route certificate, which the other core
+    /// servers trust and pin: its own route credential. Absent on leaf
+    /// machines and until the machine has made one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_certificate: Option<RouteCertificateRecord>,
+}
+
+/// A route certificate as the store keeps it: public facts only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteCertificateRecord {
+    /// The self-signed certificate (PEM).
+    pub pem: String,
+    /// Hex SHA-256 of its DER SubjectPublicKeyInfo, as nats-server pins it.
+    pub pin: String,
 }
 
 /// A machine's part in the replicated store.

@@ -215,6 +215,59 @@ impl std::fmt::Debug for RouteCertificate {
 }
 
 impl RouteCertificate {
+    /// The certificate and key in `certificate_file` and `key_file`; when
+    /// either is missing, a new pair for `name` and `address` written there
+    /// (the key readable by its owner only).
+    pub fn load_or_generate(
+        certificate_file: &Path,
+        key_file: &Path,
+        name: &str,
+        address: IpAddr,
+    ) -> Result<Self, SidecarError> {
+        use rcgen::PublicKeyData as _;
+        use sha2::Digest as _;
+        let read = |path: &Path| std::fs::read_to_string(path);
+        if let (Ok(certificate_pem), Ok(key_pem)) = (read(certificate_file), read(key_file)) {
+            let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|error| {
+                SidecarError::InvalidConfig {
+                    field: "cluster.tls.key_file",
+                    reason: format!("`{}` is no usable key: {error}", key_file.display()),
+                }
+            })?;
+            return Ok(Self {
+                certificate_pem,
+                pin: hex::encode(sha2::Sha256::digest(key.subject_public_key_info())),
+                key_pem,
+            });
+        }
+        let made = Self::generate(name, address)?;
+        if let Some(parent) = key_file.parent() {
+            create_dir(parent)?;
+        }
+        // The key is created readable by its owner only, then renamed in place.
+        let write_key = || -> io::Result<()> {
+            use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+            let mut temporary = key_file.as_os_str().to_owned();
+            temporary.push(".tmp");
+            let temporary = PathBuf::from(temporary);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temporary)?;
+            file.write_all(made.key_pem.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, key_file)
+        };
+        write_key().map_err(|source| SidecarError::WriteFile {
+            path: key_file.to_path_buf(),
+            source,
+        })?;
+        write_atomically(certificate_file, made.certificate_pem.as_bytes())?;
+        Ok(made)
+    }
+
     /// A new key and certificate for the route listener at `address`, named
     /// `name` (the certificate's common name; nats-server does not check it).
     pub fn generate(name: &str, address: IpAddr) -> Result<Self, SidecarError> {
@@ -1666,6 +1719,109 @@ mod tests {
             };
             assert_eq!(field, "leaf_users", "{why}");
         }
+    }
+
+    fn route_peer(name: &str, seed: char) -> NatsRoutePeer {
+        NatsRoutePeer {
+            name: name.to_owned(),
+            certificate_pem: format!(
+                "-----BEGIN CERTIFICATE-----\n{name}\n-----END CERTIFICATE-----\n"
+            ),
+            pin: seed.to_string().repeat(64),
+        }
+    }
+
+    #[test]
+    fn route_peers_render_sorted_with_their_pins_and_bundle() {
+        let bundle = Path::new("/var/lib/ployz/nats/route-peers.pem");
+        let peers = [route_peer("m-2", 'b'), route_peer("m-1", 'a')];
+        let (conf, pem) = render_route_peers(bundle, &peers).expect("valid");
+        assert!(
+            conf.ends_with(&format!(
+                "ca_file: \"/var/lib/ployz/nats/route-peers.pem\"\n\
+                 pinned_certs: [\n  \"{}\"  # m-1\n  \"{}\"  # m-2\n]\n",
+                "a".repeat(64),
+                "b".repeat(64)
+            )),
+            "{conf}"
+        );
+        assert_eq!(
+            pem,
+            "# m-1\n-----BEGIN CERTIFICATE-----\nm-1\n-----END CERTIFICATE-----\n\
+             # m-2\n-----BEGIN CERTIFICATE-----\nm-2\n-----END CERTIFICATE-----\n"
+        );
+        let mut reversed = peers.to_vec();
+        reversed.reverse();
+        reversed.push(route_peer("m-1", 'a'));
+        assert_eq!(
+            render_route_peers(bundle, &reversed).expect("valid"),
+            (conf, pem),
+            "order and repeats make no other file"
+        );
+        for (peers, why) in [
+            (vec![], "nothing to trust"),
+            (
+                vec![NatsRoutePeer {
+                    pin: "xyz".to_owned(),
+                    ..route_peer("m-1", 'a')
+                }],
+                "a pin that is no SHA-256",
+            ),
+            (
+                vec![NatsRoutePeer {
+                    certificate_pem: "not a certificate".to_owned(),
+                    ..route_peer("m-1", 'a')
+                }],
+                "no PEM certificate",
+            ),
+        ] {
+            let result = render_route_peers(bundle, &peers);
+            assert!(
+                matches!(
+                    result,
+                    Err(SidecarError::InvalidConfig {
+                        field: "cluster.tls.peers",
+                        ..
+                    })
+                ),
+                "{why}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_route_certificate_is_for_its_address_and_pins_its_public_key() {
+        use rcgen::PublicKeyData as _;
+        use sha2::Digest as _;
+        let made =
+            RouteCertificate::generate("m-1", "fd00:0:0:1::1".parse().expect("ip")).expect("made");
+        let key = rcgen::KeyPair::from_pem(&made.key_pem).expect("a key");
+        assert_eq!(
+            made.pin,
+            hex::encode(sha2::Sha256::digest(key.subject_public_key_info()))
+        );
+        assert!(
+            made.certificate_pem
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
+        assert!(!format!("{made:?}").contains("PRIVATE KEY"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (certificate, key) = (dir.path().join("route.crt"), dir.path().join("route.key"));
+        let address = "fd00:0:0:1::1".parse().expect("ip");
+        let first =
+            RouteCertificate::load_or_generate(&certificate, &key, "m-1", address).expect("made");
+        let again =
+            RouteCertificate::load_or_generate(&certificate, &key, "m-1", address).expect("loaded");
+        assert_eq!(
+            (first.pin, first.certificate_pem),
+            (again.pin, again.certificate_pem)
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            fs::metadata(&key).expect("key").permissions().mode() & 0o777,
+            0o600,
+            "the key is its owner's only"
+        );
     }
 
     #[test]
