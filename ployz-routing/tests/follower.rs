@@ -381,41 +381,80 @@ async fn follows_with_credentials_and_reports_a_refused_password() {
     following.shutdown.cancel();
 }
 
+/// The hub's JetStream domain.
+const DOMAIN: &str = "ployz";
+/// The user the leaf server connects to the hub as.
+const LEAF_USER: &str = "leafuser";
+const LEAF_PASSWORD: &str = "leaf-secret-1234";
+
+/// A hub with JetStream in [`DOMAIN`] and a JetStream-less leaf of it, as
+/// config texts for `Nats::with_config`.
+struct LeafTopology {
+    hub_port: u16,
+    leaf_port: u16,
+    hub_config: String,
+    leaf_config: String,
+}
+
+impl LeafTopology {
+    fn new(dir: &Path) -> Self {
+        let (hub_port, hub_leaf_port, leaf_port) = (free_port(), free_port(), free_port());
+        let hub_config = format!(
+            r#"
+            server_name: "hub"
+            listen: "127.0.0.1:{hub_port}"
+            jetstream {{ store_dir: "{store}", domain: "{DOMAIN}" }}
+            authorization {{
+                users = [
+                    {{ user: "{USER}", password: "{PASSWORD}" }}
+                    {{ user: "{LEAF_USER}", password: "{LEAF_PASSWORD}" }}
+                ]
+            }}
+            leafnodes {{ listen: "127.0.0.1:{hub_leaf_port}" }}
+            "#,
+            store = dir.join("hub-store").display(),
+        );
+        // The leaf has no JetStream; its clients authenticate too.
+        let leaf_config = format!(
+            r#"
+            server_name: "leaf"
+            listen: "127.0.0.1:{leaf_port}"
+            authorization {{ users = [ {{ user: "{USER}", password: "{PASSWORD}" }} ] }}
+            leafnodes {{
+                remotes = [
+                    {{ urls: ["nats-leaf://{LEAF_USER}:{LEAF_PASSWORD}@127.0.0.1:{hub_leaf_port}"] }}
+                ]
+            }}
+            "#
+        );
+        Self {
+            hub_port,
+            leaf_port,
+            hub_config,
+            leaf_config,
+        }
+    }
+
+    /// The hub's config without the leaf's user: it refuses the leaf.
+    fn hub_config_without_leaf(&self) -> String {
+        let without = self.hub_config.replace(
+            &format!("{{ user: \"{LEAF_USER}\", password: \"{LEAF_PASSWORD}\" }}"),
+            "",
+        );
+        assert_ne!(without, self.hub_config);
+        without
+    }
+}
+
 #[tokio::test]
 async fn follows_the_hub_through_a_leaf_node_by_jetstream_domain() {
-    const DOMAIN: &str = "ployz";
-    const LEAF_USER: &str = "leafuser";
-    const LEAF_PASSWORD: &str = "leaf-secret-1234";
     let dir = tempfile::tempdir().expect("tempdir");
-    let (hub_port, hub_leaf_port, leaf_port) = (free_port(), free_port(), free_port());
-    let hub_config = format!(
-        r#"
-        server_name: "hub"
-        listen: "127.0.0.1:{hub_port}"
-        jetstream {{ store_dir: "{store}", domain: "{DOMAIN}" }}
-        authorization {{
-            users = [
-                {{ user: "{USER}", password: "{PASSWORD}" }}
-                {{ user: "{LEAF_USER}", password: "{LEAF_PASSWORD}" }}
-            ]
-        }}
-        leafnodes {{ listen: "127.0.0.1:{hub_leaf_port}" }}
-        "#,
-        store = dir.path().join("hub-store").display(),
-    );
-    // The leaf has no JetStream; its clients authenticate too.
-    let leaf_config = format!(
-        r#"
-        server_name: "leaf"
-        listen: "127.0.0.1:{leaf_port}"
-        authorization {{ users = [ {{ user: "{USER}", password: "{PASSWORD}" }} ] }}
-        leafnodes {{
-            remotes = [
-                {{ urls: ["nats-leaf://{LEAF_USER}:{LEAF_PASSWORD}@127.0.0.1:{hub_leaf_port}"] }}
-            ]
-        }}
-        "#
-    );
+    let LeafTopology {
+        hub_port,
+        leaf_port,
+        hub_config,
+        leaf_config,
+    } = LeafTopology::new(dir.path());
     let _hub = Nats::with_config(dir.path(), "hub", &hub_config, hub_port).await;
     let _leaf = Nats::with_config(dir.path(), "leaf", &leaf_config, leaf_port).await;
 
@@ -481,55 +520,25 @@ async fn follows_the_hub_through_a_leaf_node_by_jetstream_domain() {
 /// by the hub: the follower must catch up once the leaf connection is up.
 #[tokio::test]
 async fn a_follower_started_before_the_leaf_connects_catches_up() {
-    const DOMAIN: &str = "ployz";
-    const LEAF_USER: &str = "leafuser";
-    const LEAF_PASSWORD: &str = "leaf-secret-1234";
     let dir = tempfile::tempdir().expect("tempdir");
-    let (hub_port, hub_leaf_port, leaf_port) = (free_port(), free_port(), free_port());
-    let hub_config = format!(
-        r#"
-        server_name: "hub"
-        listen: "127.0.0.1:{hub_port}"
-        jetstream {{ store_dir: "{store}", domain: "{DOMAIN}" }}
-        authorization {{
-            users = [
-                {{ user: "{USER}", password: "{PASSWORD}" }}
-                {{ user: "{LEAF_USER}", password: "{LEAF_PASSWORD}" }}
-            ]
-        }}
-        leafnodes {{ listen: "127.0.0.1:{hub_leaf_port}" }}
-        "#,
-        store = dir.path().join("hub-store").display(),
-    );
-    let leaf_config = format!(
-        r#"
-        server_name: "leaf"
-        listen: "127.0.0.1:{leaf_port}"
-        leafnodes {{
-            remotes = [
-                {{ urls: ["nats-leaf://{LEAF_USER}:{LEAF_PASSWORD}@127.0.0.1:{hub_leaf_port}"] }}
-            ]
-        }}
-        "#
-    );
+    let topology = LeafTopology::new(dir.path());
+    let (hub_port, leaf_port) = (topology.hub_port, topology.leaf_port);
+    let (hub_config, leaf_config) = (&topology.hub_config, &topology.leaf_config);
     // The hub runs and holds a commit, but does not admit the leaf yet.
-    let without_leaf = hub_config.replace(
-        &format!("{{ user: \"{LEAF_USER}\", password: \"{LEAF_PASSWORD}\" }}"),
-        "",
-    );
-    assert_ne!(without_leaf, hub_config);
+    let without_leaf = topology.hub_config_without_leaf();
     let hub = Nats::with_config(dir.path(), "hub", &without_leaf, hub_port).await;
     let store = create_bucket(authenticated_client(hub_port).await).await;
     put(&store, "shop", 1, "late.test").await;
-    let _leaf = Nats::with_config(dir.path(), "leaf", &leaf_config, leaf_port).await;
+    let _leaf = Nats::with_config(dir.path(), "leaf", leaf_config, leaf_port).await;
     let state_dir = dir.path().join("state");
     let mut following = follow_with(SourceConfig {
+        credentials: credentials(PASSWORD),
         jetstream_domain: Some(DOMAIN.to_owned()),
         ..source(leaf_port, &state_dir)
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Admitted by a reload, as ployzd admits a new leaf machine.
-    std::fs::write(dir.path().join("hub.conf"), &hub_config).expect("write hub config");
+    std::fs::write(dir.path().join("hub.conf"), hub_config).expect("write hub config");
     let sent = std::process::Command::new("kill")
         .args(["-HUP", &hub.child.id().to_string()])
         .status()

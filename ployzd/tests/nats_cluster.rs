@@ -45,12 +45,15 @@
 //!
 //! Each test kills whatever it started when it ends, even on failure.
 
+mod common;
+
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
+use common::{SETTLE, wait_for_peers};
 use ployz_tests::{free_addr, kill, processes_under};
 use ployzd::{
     services::nats::{NatsClusterConfig, NatsSidecar, NatsSidecarConfig, NatsUser, find_binary},
@@ -64,9 +67,6 @@ use tokio::time::{Instant, sleep};
 
 /// The route credential every server of a test cluster presents and requires.
 const ROUTE_SECRET: &str = "5ec4e7-route-credential";
-
-/// How long a cluster may take to agree on something the test waits for.
-const SETTLE: Duration = Duration::from_secs(30);
 
 /// One server's client and route addresses.
 #[derive(Clone, Copy)]
@@ -168,22 +168,6 @@ async fn connect(
 
 fn key(key: &str) -> Key {
     Key::new(key).expect("valid key")
-}
-
-/// Polls `store.cluster_peers()` until it reads `expected`.
-async fn wait_for_peers(store: &NatsStore, expected: usize) {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let peers = store.cluster_peers().await;
-        if matches!(peers, Ok(count) if count == expected) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the cluster still has {peers:?} servers, not {expected}, after {SETTLE:?}"
-        );
-        sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Retries `attempt` on retryable errors until it succeeds or `SETTLE` runs out;

@@ -38,6 +38,8 @@
 //!
 //! Each test kills whatever it started when it ends, even on failure.
 
+mod common;
+
 use std::{
     fs,
     future::Future,
@@ -46,6 +48,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use common::{SETTLE, wait_for_peers};
 use futures::StreamExt as _;
 use ployz_tests::{free_addr, kill, processes_under};
 use ployzd::{
@@ -62,8 +65,6 @@ use ployzd::{
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep, timeout};
 
-/// How long the cluster may take to agree on something the test waits for.
-const SETTLE: Duration = Duration::from_secs(30);
 /// The core's JetStream domain, through which leaf clients reach it.
 const DOMAIN: &str = "ployz";
 /// What the leaf server of the machine joining fourth is called.
@@ -213,22 +214,6 @@ fn key(key: &str) -> Key {
 
 fn prefix(prefix: &str) -> KeyPrefix {
     KeyPrefix::new(prefix).expect("valid prefix")
-}
-
-/// Polls `store.cluster_peers()` until it reads `expected`.
-async fn wait_for_peers(store: &NatsStore, expected: usize) {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let peers = store.cluster_peers().await;
-        if matches!(peers, Ok(count) if count == expected) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the cluster still has {peers:?} servers, not {expected}, after {SETTLE:?}"
-        );
-        sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Polls `check` every 200 ms until it holds or `SETTLE` runs out.

@@ -21,6 +21,8 @@
 //!
 //! Each test kills whatever it started when it ends, even on failure.
 
+mod common;
+
 use std::{
     fs,
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -28,6 +30,7 @@ use std::{
     time::Duration,
 };
 
+use common::{SETTLE, wait_for_peers};
 use ployz_tests::{free_addr, kill, processes_under};
 use ployzd::{
     services::nats::{
@@ -42,8 +45,6 @@ use ployzd::{
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep};
 
-/// How long the cluster may take to agree on something the test waits for.
-const SETTLE: Duration = Duration::from_secs(30);
 /// The route password every server presents, the intruder included.
 const ROUTE_SECRET: &str = "shared-route-credential";
 
@@ -147,22 +148,6 @@ impl Drop for Servers {
         for pid in processes_under(self.dir.path()) {
             kill(pid, libc::SIGKILL);
         }
-    }
-}
-
-/// Polls `store.cluster_peers()` until it reads `expected`.
-async fn wait_for_peers(store: &NatsStore, expected: usize) -> Duration {
-    let started = Instant::now();
-    loop {
-        let peers = store.cluster_peers().await;
-        if matches!(peers, Ok(count) if count == expected) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < SETTLE,
-            "the cluster still has {peers:?} servers, not {expected}, after {SETTLE:?}"
-        );
-        sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -106,6 +106,21 @@ fn machine_add(cluster: &Cluster, from: &Host, targets: &[&Host], key: &str) -> 
     ployzctl(from, &args)
 }
 
+/// Retries a recorded no-op write (`mesh init` of the network again) on
+/// `host` until it succeeds, at most `within`; on failure, the last answer.
+fn write_within(host: &Host, within: Duration, what: &str) -> Result<(), String> {
+    let mut last = None;
+    let written = wait_until(within, what, || {
+        let output = ployzctl(host, &["--json", "mesh", "init", NETWORK]);
+        let ok = output.status.success()
+            && serde_json::from_slice::<Value>(&output.stdout)
+                .is_ok_and(|write| write["outcome"] == "already_initialized");
+        last = Some(output);
+        ok
+    });
+    written.map_err(|_| last.as_ref().map(describe).unwrap_or_default())
+}
+
 fn overlay_address(host: &Host) -> String {
     let status = ployzctl_json(host, &["mesh", "status"]);
     status["overlay_address"]
@@ -699,21 +714,13 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
         // operation journal writes to the store. If machine 3 led a stream,
         // the other two elect a new leader within seconds: a write may answer
         // `unavailable` until then, never for longer.
-        let mut last = None;
-        let writable = wait_until(Duration::from_secs(30), "a write to succeed", || {
-            let output = ployzctl(host, &["--json", "mesh", "init", NETWORK]);
-            let ok = output.status.success()
-                && serde_json::from_slice::<Value>(&output.stdout)
-                    .is_ok_and(|write| write["outcome"] == "already_initialized");
-            last = Some(output);
-            ok
-        });
-        assert!(
-            writable.is_ok(),
-            "the store takes no writes on {} without machine 3: {}",
-            host.name(),
-            last.as_ref().map(describe).unwrap_or_default()
-        );
+        if let Err(last) = write_within(host, Duration::from_secs(30), "a write to succeed") {
+            panic!(
+                "the store takes no writes on {} without machine 3: {}",
+                host.name(),
+                last
+            );
+        }
         // The store may take a few seconds to replace a leader it lost; the
         // observation itself is made at the time of asking.
         let lost_id = results[1]["machine_id"].clone();
@@ -784,20 +791,9 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     );
     // Its JetStream catches up with the others a little after the overlay
     // is back; until then writes answer `unavailable` (retry later).
-    let mut last = None;
-    let caught_up = wait_until(Duration::from_secs(60), "machine 3 to take writes", || {
-        let output = ployzctl(three, &["--json", "mesh", "init", NETWORK]);
-        let ok = output.status.success()
-            && serde_json::from_slice::<Value>(&output.stdout)
-                .is_ok_and(|write| write["outcome"] == "already_initialized");
-        last = Some(output);
-        ok
-    });
-    assert!(
-        caught_up.is_ok(),
-        "machine 3 takes no writes after rejoining: {}",
-        last.as_ref().map(describe).unwrap_or_default()
-    );
+    if let Err(last) = write_within(three, Duration::from_secs(60), "machine 3 to take writes") {
+        panic!("machine 3 takes no writes after rejoining: {}", last);
+    }
 
     // A fourth machine joins beyond the core: a leaf of the store. Its NATS
     // runs no JetStream and connects to the core servers with a user of its
@@ -975,21 +971,9 @@ fn a_cluster_built_over_ssh_meshes_replicates_and_survives_a_lost_machine() {
     cluster
         .cut(hub)
         .expect("cut machine 4's core server off the underlay");
-    let mut last = None;
-    let writable = wait_until(Duration::from_secs(60), "a write through the leaf", || {
-        let output = ployzctl(four, &["--json", "mesh", "init", NETWORK]);
-        let ok = output.status.success()
-            && serde_json::from_slice::<Value>(&output.stdout)
-                .is_ok_and(|write| write["outcome"] == "already_initialized");
-        last = Some(output);
-        ok
-    });
-    assert!(
-        writable.is_ok(),
-        "machine 4 takes no writes without {}: {}",
-        hub.name(),
-        last.as_ref().map(describe).unwrap_or_default()
-    );
+    if let Err(last) = write_within(four, Duration::from_secs(60), "a write through the leaf") {
+        panic!("machine 4 takes no writes without {}: {}", hub.name(), last);
+    }
     assert!(
         others
             .iter()

@@ -444,8 +444,11 @@ impl Daemon {
                     certificate_file: self.config.data_dir.join(ROUTE_CERTIFICATE_FILE),
                     key_file: self.config.data_dir.join(ROUTE_KEY_FILE),
                     peers: route_peers(
-                        &identity.machine_id,
-                        &own,
+                        Some(NatsRoutePeer {
+                            name: identity.machine_id.clone(),
+                            certificate_pem: own.certificate_pem,
+                            pin: own.pin,
+                        }),
                         &mesh::read_peer_cache(&self.peer_cache_path()),
                     ),
                 });
@@ -733,25 +736,17 @@ fn same_process(running: &NatsSidecarConfig, wanted: &NatsSidecarConfig) -> bool
 
 /// The route certificates a core server trusts and pins: its own and every
 /// core member's in `peers`.
-fn route_peers(
-    machine_id: &str,
-    own: &RouteCertificate,
-    peers: &[mesh::KnownPeer],
-) -> Vec<NatsRoutePeer> {
-    std::iter::once(NatsRoutePeer {
-        name: machine_id.to_owned(),
-        certificate_pem: own.certificate_pem.clone(),
-        pin: own.pin.clone(),
-    })
-    .chain(peers.iter().filter_map(|peer| {
-        let certificate = peer.route_certificate.as_ref()?;
-        Some(NatsRoutePeer {
-            name: peer.machine_id.clone(),
-            certificate_pem: certificate.pem.clone(),
-            pin: certificate.pin.clone(),
-        })
-    }))
-    .collect()
+fn route_peers(own: Option<NatsRoutePeer>, peers: &[mesh::KnownPeer]) -> Vec<NatsRoutePeer> {
+    own.into_iter()
+        .chain(peers.iter().filter_map(|peer| {
+            let certificate = peer.route_certificate.as_ref()?;
+            Some(NatsRoutePeer {
+                name: peer.machine_id.clone(),
+                certificate_pem: certificate.pem.clone(),
+                pin: certificate.pin.clone(),
+            })
+        }))
+        .collect()
 }
 
 /// Writes `certificate` into machine `machine_id`'s record unless it holds
@@ -881,10 +876,10 @@ impl NatsMembers {
 
     /// Makes the server admit exactly the leaf machines among `peers` and
     /// trust exactly the core machines' route certificates among them (and
-    /// its own), reloading it in place when that changes anything; true
-    /// when the leaf users changed. A failure is logged: the server keeps
-    /// what it had.
-    fn apply(&self, peers: &[mesh::KnownPeer]) -> bool {
+    /// its own), reloading it in place when that changes anything. Answers
+    /// the leaf users now admitted when they changed. A failure is logged:
+    /// the server keeps what it had.
+    fn apply(&self, peers: &[mesh::KnownPeer]) -> Option<Vec<String>> {
         let config = self.nats.config();
         if let Some(tls) = Self::route_tls(config) {
             let own = tls
@@ -892,17 +887,7 @@ impl NatsMembers {
                 .iter()
                 .find(|peer| peer.name == self.identity.machine_id)
                 .cloned();
-            let trusted: Vec<NatsRoutePeer> = own
-                .into_iter()
-                .chain(peers.iter().filter_map(|peer| {
-                    let certificate = peer.route_certificate.as_ref()?;
-                    Some(NatsRoutePeer {
-                        name: peer.machine_id.clone(),
-                        certificate_pem: certificate.pem.clone(),
-                        pin: certificate.pin.clone(),
-                    })
-                }))
-                .collect();
+            let trusted = route_peers(own, peers);
             let names: Vec<String> = trusted.iter().map(|peer| peer.name.clone()).collect();
             match self.nats.set_route_peers(trusted) {
                 Ok(true) => {
@@ -915,19 +900,19 @@ impl NatsMembers {
             }
         }
         if !matches!(config.leafnodes, Some(NatsLeafnodes::Hub(_))) {
-            return false;
+            return None;
         }
         let users = self.users(peers);
         let names: Vec<String> = users.iter().map(|user| user.name.clone()).collect();
         match self.nats.set_leaf_users(users) {
             Ok(true) => {
                 tracing::info!(leaves = ?names, "NATS admits the leaf machines of the network");
-                true
+                Some(names)
             }
-            Ok(false) => false,
+            Ok(false) => None,
             Err(error) => {
                 tracing::warn!(error = %error_chain(&error), "cannot update the leaf machines NATS admits");
-                false
+                None
             }
         }
     }
@@ -936,17 +921,12 @@ impl NatsMembers {
     /// connections this server still has from leaf machines that are no
     /// longer among them: a reload alone refuses only their next connection.
     async fn apply_and_revoke(&self, peers: &[mesh::KnownPeer]) {
-        if !self.apply(peers) {
+        let Some(admitted) = self.apply(peers) else {
             return;
-        }
+        };
         let Some(system) = system_credentials(&self.identity) else {
             return;
         };
-        let admitted: Vec<String> = self
-            .users(peers)
-            .into_iter()
-            .map(|user| user.name)
-            .collect();
         match crate::store::nats::close_leaves_except(
             &self.nats.client_url(),
             &system,

@@ -29,7 +29,7 @@ use super::{
     process::Pid,
     sidecar::{
         FileNames, Probe, ProcessConfig, Sidecar, SidecarKind, absolute, check_configured_binary,
-        create_dir, first_executable, path_candidates, write_atomically,
+        create_dir, first_executable, path_candidates, write_atomically, write_private,
     },
 };
 
@@ -244,26 +244,7 @@ impl RouteCertificate {
         if let Some(parent) = key_file.parent() {
             create_dir(parent)?;
         }
-        // The key is created readable by its owner only, then renamed in place.
-        let write_key = || -> io::Result<()> {
-            use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-            let mut temporary = key_file.as_os_str().to_owned();
-            temporary.push(".tmp");
-            let temporary = PathBuf::from(temporary);
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&temporary)?;
-            file.write_all(made.key_pem.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, key_file)
-        };
-        write_key().map_err(|source| SidecarError::WriteFile {
-            path: key_file.to_path_buf(),
-            source,
-        })?;
+        write_private(key_file, made.key_pem.as_bytes())?;
         write_atomically(certificate_file, made.certificate_pem.as_bytes())?;
         Ok(made)
     }

@@ -270,11 +270,29 @@ fn read_state(path: &Path) -> Result<Option<StateRecord>, SidecarError> {
 /// Writes `contents` to a temporary sibling, syncs it and renames it over
 /// `path`, so readers see the old file or the new one, never a torn one.
 pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SidecarError> {
+    write_file(path, contents, None)
+}
+
+/// [`write_atomically`] for a secret: the file is created readable by its
+/// owner only (mode 0600), never visible with a wider mode.
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), SidecarError> {
+    write_file(path, contents, Some(0o600))
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: Option<u32>) -> Result<(), SidecarError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");
     let temporary = PathBuf::from(temporary);
     let write = || -> io::Result<()> {
-        let mut file = File::create(&temporary)?;
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        if let Some(mode) = mode {
+            // A leftover temporary keeps its mode through create: start afresh.
+            let _ = fs::remove_file(&temporary);
+            options.mode(mode);
+        }
+        let mut file = options.open(&temporary)?;
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&temporary, path)?;
